@@ -1,0 +1,402 @@
+"""Qwen2 / Qwen2.5 decoder in Flax NNX, matching Hugging Face `Qwen2ForCausalLM` numerically.
+
+Structure. The maths is one pure function, `forward(params, config, tokens, ...)`, over a plain
+nested dict of arrays (the same dict the NNX module holds as `nnx.Param`s). Layers are stored
+stacked (leading `layers` axis) so the decoder is either `lax.scan` over layers (fast compile for
+28-layer models) or an unrolled Python loop; `jax.checkpoint` wraps a layer when `remat` is set.
+
+Attention masking is by segment ids: a token attends to earlier tokens of its own segment, and
+segment 0 is padding. Packed SFT rows, padded batches and plain rows all go through that one rule.
+
+The KV cache (`init_cache` / `extend`) keeps, per row, how many slots are filled (`cache["end"]`);
+a chunk of C new tokens per row is written at slots end..end+C-1 with positions end..end+C-1, so
+prefill (end=0), one decode step (C=1) and appending a tool response (C>1, rows of different
+lengths) are the same function.
+
+Dtypes: `param_dtype` is what is stored; `dtype` is the compute dtype; every matmul accumulates in
+float32 (`preferred_element_type`), norms and softmax run in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtr_jax.errors import MtrError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclass
+class Qwen2Config:
+    """Field names as in Hugging Face `Qwen2Config`; the last four are ours (not written to HF)."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    # ours
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # storage dtype
+    remat: bool = False
+    scan_layers: bool = False
+
+    HF_FIELDS = (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps",
+        "tie_word_embeddings", "head_dim", "bos_token_id", "eos_token_id",
+    )
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise MtrError(f"Qwen2Config.{name}={getattr(self, name)!r}: expected one of {sorted(DTYPES)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise MtrError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def storage_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **kw) -> "Qwen2Config":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "config") -> "Qwen2Config":
+        """Read a transformers 4 or 5 `config.json` dict (v5 keeps rope_theta in rope_parameters)."""
+        model_type = d.get("model_type")
+        if model_type not in ("qwen2", None):
+            raise MtrError(f"{source}: model_type '{model_type}' is not qwen2 (Qwen2/Qwen2.5 only)")
+        archs = d.get("architectures") or []
+        if archs and not any(a.startswith("Qwen2") for a in archs):
+            raise MtrError(f"{source}: architectures {archs} are not Qwen2ForCausalLM")
+        kw = {k: d[k] for k in cls.HF_FIELDS if k in d}
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if "rope_theta" not in kw and isinstance(rope, dict) and "rope_theta" in rope:
+            kw["rope_theta"] = rope["rope_theta"]
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if rope_type not in ("default", None):
+            raise MtrError(f"{source}: rope type '{rope_type}' is not supported (only default RoPE)")
+        if d.get("use_sliding_window"):
+            raise MtrError(f"{source}: sliding-window attention is not supported")
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in d]
+        if missing:
+            raise MtrError(f"{source}: missing fields {missing}")
+        return cls(**kw)
+
+    def to_hf_dict(self, torch_dtype: str | None = None) -> dict:
+        d = {k: getattr(self, k) for k in self.HF_FIELDS if getattr(self, k) is not None}
+        d.pop("rope_theta")
+        d.update(
+            architectures=["Qwen2ForCausalLM"],
+            model_type="qwen2",
+            hidden_act="silu",
+            attention_dropout=0.0,
+            initializer_range=0.02,
+            use_cache=True,
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=self.num_hidden_layers,
+            rope_theta=self.rope_theta,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            dtype=torch_dtype or self.param_dtype,
+        )
+        return d
+
+    @classmethod
+    def from_file(cls, path: str | pathlib.Path) -> "Qwen2Config":
+        p = pathlib.Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.exists():
+            raise MtrError(f"no config.json at {p}")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise MtrError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_hf_dict(d, str(p))
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters: names, shapes and logical axes (the sharding rules map logical -> mesh axes).
+
+
+def param_specs(cfg: Qwen2Config) -> dict:
+    """{name: (shape, logical_axes)} for every parameter, in the nested layout of `params`."""
+    E, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    Q = cfg.num_attention_heads * cfg.head_dim
+    K = cfg.num_key_value_heads * cfg.head_dim
+    layers = {
+        "input_norm": ((L, E), ("layers", "norm")),
+        "q_w": ((L, E, Q), ("layers", "embed", "q_heads")),
+        "q_b": ((L, Q), ("layers", "q_heads")),
+        "k_w": ((L, E, K), ("layers", "embed", "kv_heads")),
+        "k_b": ((L, K), ("layers", "kv_heads")),
+        "v_w": ((L, E, K), ("layers", "embed", "kv_heads")),
+        "v_b": ((L, K), ("layers", "kv_heads")),
+        "o_w": ((L, Q, E), ("layers", "q_heads", "embed")),
+        "post_norm": ((L, E), ("layers", "norm")),
+        "gate_w": ((L, E, I), ("layers", "embed", "mlp")),
+        "up_w": ((L, E, I), ("layers", "embed", "mlp")),
+        "down_w": ((L, I, E), ("layers", "mlp", "embed")),
+    }
+    specs = {"embed": ((V, E), ("vocab", "embed")), "layers": layers, "final_norm": ((E,), ("norm",))}
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = ((E, V), ("embed", "vocab"))
+    return specs
+
+
+def init_params(cfg: Qwen2Config, key: jax.Array, std: float = 0.02) -> dict:
+    """Random init (normal(0, std) weights, zero biases, unit norms), in `param_dtype`."""
+    specs = param_specs(cfg)
+    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple))
+    leaves, treedef = flat
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, (shape, _)), k in zip(leaves, keys):
+        name = path[-1].key
+        if name.endswith("norm"):
+            v = jnp.ones(shape, jnp.float32)
+        elif name.endswith("_b"):
+            v = jnp.zeros(shape, jnp.float32)
+        else:
+            v = std * jax.random.normal(k, shape, jnp.float32)
+        out.append(v.astype(cfg.storage_dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def logical_axes(cfg: Qwen2Config) -> dict:
+    """Same tree as params, each leaf a tuple of logical axis names."""
+    return jax.tree_util.tree_map(
+        lambda s: s[1], param_specs(cfg), is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The maths.
+
+
+def _mm(x, w, cfg: Qwen2Config):
+    """x @ w in the compute dtype with float32 accumulation."""
+    dt = cfg.compute_dtype
+    y = jnp.einsum("...e,ef->...f", x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+    return y
+
+
+def rms_norm(x, w, eps):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return w.astype(jnp.float32) * x32
+
+
+def rope(x, positions, theta):
+    """Hugging Face rotate-half RoPE. x: [B, T, H, D]; positions: [B, T]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : d // 2], x32[..., d // 2 :]
+    rot = jnp.concatenate([-x2, x1], axis=-1)
+    return x32 * cos + rot * sin
+
+
+def attention(q, k, v, mask, cfg: Qwen2Config):
+    """Grouped-query attention. q: [B,T,H,D]; k, v: [B,S,Hkv,D]; mask: [B,T,S] bool."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    rep = H // Hkv
+    dt = cfg.compute_dtype
+    q = q.reshape(B, T, Hkv, rep, D).astype(dt)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", q, k.astype(dt), preferred_element_type=jnp.float32)
+    scores = scores * (D ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(dt), v.astype(dt), preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H * D)
+
+
+def _layer(cfg: Qwen2Config, h, lw, positions, mask, kv_write):
+    """One decoder layer. kv_write(k, v) -> (k_all, v_all) lets the caller splice in a cache."""
+    B, T, _ = h.shape
+    dt = cfg.compute_dtype
+    x = rms_norm(h, lw["input_norm"], cfg.rms_norm_eps).astype(dt)
+    q = (_mm(x, lw["q_w"], cfg) + lw["q_b"].astype(jnp.float32)).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
+    k = (_mm(x, lw["k_w"], cfg) + lw["k_b"].astype(jnp.float32)).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+    v = (_mm(x, lw["v_w"], cfg) + lw["v_b"].astype(jnp.float32)).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+    q = rope(q, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta)
+    k_all, v_all, extra = kv_write(k, v)
+    a = attention(q, k_all, v_all, mask, cfg)
+    h = h + _mm(a.astype(dt), lw["o_w"], cfg).astype(h.dtype)
+    x = rms_norm(h, lw["post_norm"], cfg.rms_norm_eps).astype(dt)
+    g = _mm(x, lw["gate_w"], cfg)
+    u = _mm(x, lw["up_w"], cfg)
+    m = (jax.nn.silu(g) * u).astype(dt)
+    h = h + _mm(m, lw["down_w"], cfg).astype(h.dtype)
+    return h, extra
+
+
+def _run_layers(cfg: Qwen2Config, params, h, positions, mask, cache_layers=None, write_fn=None):
+    """Runs every layer (scan or loop). With a cache, returns the updated per-layer (k, v)."""
+    layers = params["layers"]
+
+    def body(h, xs):
+        lw, ck, cv = xs
+        if ck is None:
+            kv_write = lambda k, v: (k, v, None)
+        else:
+            kv_write = lambda k, v: write_fn(ck, cv, k, v)
+        return _layer(cfg, h, lw, positions, mask, kv_write)
+
+    if cfg.remat:
+        body = jax.checkpoint(body, prevent_cse=not cfg.scan_layers)
+    ck_all = cache_layers[0] if cache_layers is not None else None
+    cv_all = cache_layers[1] if cache_layers is not None else None
+    if cfg.scan_layers:
+        h, extra = jax.lax.scan(body, h, (layers, ck_all, cv_all))
+        return h, extra
+    extras = []
+    for i in range(cfg.num_hidden_layers):
+        lw = jax.tree_util.tree_map(lambda a: a[i], layers)
+        ck = ck_all[i] if ck_all is not None else None
+        cv = cv_all[i] if cv_all is not None else None
+        h, e = body(h, (lw, ck, cv))
+        extras.append(e)
+    if cache_layers is None:
+        return h, None
+    return h, (jnp.stack([e[0] for e in extras]), jnp.stack([e[1] for e in extras]))
+
+
+def _head(cfg: Qwen2Config, params, h):
+    x = rms_norm(h, params["final_norm"], cfg.rms_norm_eps).astype(cfg.compute_dtype)
+    if cfg.tie_word_embeddings:
+        return jnp.einsum("bte,ve->btv", x, params["embed"].astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    return _mm(x, params["lm_head"], cfg)
+
+
+def hidden_states(params, cfg: Qwen2Config, tokens, positions=None, segment_ids=None):
+    """Final hidden states (before the final norm) for a full sequence, no cache."""
+    B, T = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    mask = causal[None] & same
+    # a padding query row would be all-masked; let it see itself so softmax stays finite
+    mask = mask | jnp.eye(T, dtype=bool)[None]
+    h = jnp.take(params["embed"], tokens, axis=0).astype(jnp.float32)
+    h, _ = _run_layers(cfg, params, h, positions, mask)
+    return h
+
+
+def forward(params, cfg: Qwen2Config, tokens, positions=None, segment_ids=None):
+    """Logits [B, T, V] in float32. segment_ids: 0 = padding; tokens attend within their segment."""
+    h = hidden_states(params, cfg, tokens, positions, segment_ids)
+    return _head(cfg, params, h)
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache.
+
+
+def init_cache(cfg: Qwen2Config, batch: int, max_len: int, dtype=None) -> dict:
+    """k, v: [L, B, S, Hkv, D]; end: [B] filled slots per row. dtype defaults to the compute dtype."""
+    dtype = dtype or cfg.compute_dtype
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "end": jnp.zeros((batch,), jnp.int32)}
+
+
+def extend(params, cfg: Qwen2Config, cache: dict, tokens, lengths):
+    """Append `tokens` [B, C] (row b uses its first lengths[b]) to the cache; return logits [B, C, V]
+    for every chunk position and the new cache. Positions continue from each row's `end`."""
+    B, C = tokens.shape
+    S = cache["k"].shape[2]
+    end = cache["end"]
+    positions = end[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]  # [B, C]
+    slots = jnp.arange(S, dtype=jnp.int32)
+    # query at position p sees key slots <= p (slots < end are history, the rest of the chunk is causal)
+    mask = slots[None, None, :] <= positions[:, :, None]
+
+    def write(ck, cv, k, v):
+        upd = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0)))
+        ck = upd(ck, k, end)
+        cv = upd(cv, v, end)
+        return ck, cv, (ck, cv)
+
+    h = jnp.take(params["embed"], tokens, axis=0).astype(jnp.float32)
+    h, (nk, nv) = _run_layers(cfg, params, h, positions, mask, (cache["k"], cache["v"]), write)
+    logits = _head(cfg, params, h)
+    new_cache = {"k": nk, "v": nv, "end": end + lengths.astype(jnp.int32)}
+    return logits, new_cache
+
+
+# --------------------------------------------------------------------------------------------
+# The NNX module: holds the parameters as nnx.Param (with logical-axis metadata).
+
+
+class Qwen2(nnx.Module):
+    """Qwen2ForCausalLM. `model(input_ids, positions=None, attention_mask=None)` -> logits."""
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs | None = None, params: dict | None = None):
+        self.config = config
+        if params is None:
+            rngs = rngs or nnx.Rngs(0)
+            params = init_params(config, rngs.params())
+        self.set_params(params)
+
+    def set_params(self, params: dict) -> None:
+        axes = logical_axes(self.config)
+        self.embed = nnx.Param(params["embed"], logical_axes=axes["embed"])
+        self.final_norm = nnx.Param(params["final_norm"], logical_axes=axes["final_norm"])
+        self.layers = nnx.Dict(
+            {k: nnx.Param(v, logical_axes=axes["layers"][k]) for k, v in params["layers"].items()}
+        )
+        if "lm_head" in params:
+            self.lm_head = nnx.Param(params["lm_head"], logical_axes=axes["lm_head"])
+
+    def params(self) -> dict:
+        """Plain nested dict of arrays (the layout `forward` takes)."""
+        out = {
+            "embed": self.embed[...],
+            "final_norm": self.final_norm[...],
+            "layers": {k: v[...] for k, v in self.layers.items()},
+        }
+        if hasattr(self, "lm_head"):
+            out["lm_head"] = self.lm_head[...]
+        return out
+
+    def __call__(self, input_ids, positions=None, attention_mask=None, segment_ids=None):
+        if segment_ids is None and attention_mask is not None:
+            segment_ids = jnp.asarray(attention_mask).astype(jnp.int32)
+        return forward(self.params(), self.config, jnp.asarray(input_ids), positions, segment_ids)
