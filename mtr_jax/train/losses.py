@@ -1,0 +1,102 @@
+"""Losses for SFT and GRPO, written as (numerator, denominator) so gradient accumulation is exact.
+
+Every loss here returns `num` (a sum over the micro-batch) and the caller divides by the
+denominator of the WHOLE optimiser step (`*_denominator` computes it from the full batch), so a
+step gives the same loss and gradient whatever its micro-batch split.
+
+GRPO (per generated token t of episode i, mask m_it = 1 on tokens the policy generated):
+    rho_it   = exp(logp_it - logp_old_it)
+    pg_it    = -min(rho_it * A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) * A_i)
+    kl_it    = exp(logp_ref_it - logp_it) - (logp_ref_it - logp_it) - 1         (k3 estimator)
+    l_it     = pg_it + beta * kl_it
+Aggregation ("loss_agg"), with N episodes and L_max = the generation-length budget:
+    token-mean               : sum_i sum_t m_it l_it / sum_i sum_t m_it
+    seq-mean-token-mean      : (1/N) sum_i [ sum_t m_it l_it / sum_t m_it ]
+    seq-mean-token-sum-norm  : (1/N) sum_i [ sum_t m_it l_it / L_max ]             (Dr. GRPO)
+Advantages: A_i = (r_i - mean_group(r)) / (std_group(r) + eps), std unbiased (ddof=1, as TRL and
+verl); with scale_std=False (Dr. GRPO) A_i = r_i - mean_group(r).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtr_jax.model import qwen2
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def token_logprobs(params, cfg, tokens, segment_ids=None, positions=None, temperature: float = 1.0):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1, shape [B, T-1], plus the entropy."""
+    logits = qwen2.forward(params, cfg, tokens, positions, segment_ids)[:, :-1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    logp = tgt - logz
+    probs = jax.nn.softmax(logits, axis=-1)
+    entropy = logz - jnp.sum(probs * logits, axis=-1)
+    return logp, entropy
+
+
+def sft_loss_num(params, cfg, batch):
+    """Sum of next-token cross-entropy over assistant tokens. batch: tokens, loss_mask, segment_ids,
+    positions [B, T]; loss_mask marks tokens to be PREDICTED (the label side)."""
+    logp, _ = token_logprobs(params, cfg, batch["tokens"], batch["segment_ids"], batch["positions"])
+    m = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    # a label never comes from another packed segment
+    m = m * (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1])
+    return -jnp.sum(logp * m), jnp.sum(m)
+
+
+def group_advantages(rewards: np.ndarray, group_size: int, scale_std: bool = True, eps: float = 1e-6) -> np.ndarray:
+    r = np.asarray(rewards, np.float64).reshape(-1, group_size)
+    centred = r - r.mean(axis=1, keepdims=True)
+    if scale_std:
+        std = r.std(axis=1, ddof=1, keepdims=True) if group_size > 1 else np.zeros_like(r[:, :1])
+        centred = centred / (std + eps)
+    return centred.reshape(-1).astype(np.float32)
+
+
+def grpo_per_token(logp, old_logp, ref_logp, adv, eps_low, eps_high, beta):
+    ratio = jnp.exp(logp - old_logp)
+    a = adv[:, None]
+    unclipped = ratio * a
+    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * a
+    pg = -jnp.minimum(unclipped, clipped)
+    if beta:
+        d = ref_logp - logp
+        kl = jnp.exp(d) - d - 1.0
+    else:
+        kl = jnp.zeros_like(logp)
+    is_clipped = (unclipped != clipped).astype(jnp.float32)
+    return pg + beta * kl, kl, is_clipped
+
+
+def grpo_loss_num(logp, old_logp, ref_logp, adv, mask, *, eps_low, eps_high, beta, loss_agg, max_len):
+    """Numerator of the GRPO loss for one micro-batch (see module docstring)."""
+    mask = mask.astype(jnp.float32)
+    per_tok, kl, clipped = grpo_per_token(logp, old_logp, ref_logp, adv, eps_low, eps_high, beta)
+    seq_sum = jnp.sum(per_tok * mask, axis=1)
+    if loss_agg == "token-mean":
+        num = jnp.sum(seq_sum)
+    elif loss_agg == "seq-mean-token-mean":
+        num = jnp.sum(seq_sum / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
+    elif loss_agg == "seq-mean-token-sum-norm":
+        num = jnp.sum(seq_sum / float(max_len))
+    else:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGGS}")
+    stats = {"kl_sum": jnp.sum(kl * mask), "clip_sum": jnp.sum(clipped * mask), "tokens": jnp.sum(mask)}
+    return num, stats
+
+
+def grpo_denominator(mask: np.ndarray, loss_agg: str, n_episodes: int | None = None) -> float:
+    """Denominator for a whole optimiser step (all its micro-batches). `n_episodes` counts the real
+    episodes when rows were padded to a bucket (padding rows have an all-zero mask)."""
+    mask = np.asarray(mask)
+    if loss_agg == "token-mean":
+        return float(max(mask.sum(), 1.0))
+    # sequence means count every real episode, even one with no generated tokens (it adds 0)
+    return float(max(mask.shape[0] if n_episodes is None else n_episodes, 1))

@@ -1,0 +1,67 @@
+"""Metrics: one JSON object per line in RUN_DIR/metrics.jsonl, mirrored to TensorBoard.
+
+Only process 0 writes (multi-host). A resumed run appends; lines of steps past the resume point
+(written after the last checkpoint of a killed run) are dropped so every step appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, resume_step: int | None = None, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.tb = None
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if resume_step is not None and os.path.exists(self.path):
+            self._truncate_after(resume_step)
+        self.f = open(self.path, "a")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+            except Exception:  # TensorBoard is a mirror; JSONL is the record
+                self.tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        keep = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if rec.get("step", -1) <= step or rec.get("stage") not in ("sft", "grpo"):
+                    keep.append(json.dumps(rec))
+        with open(self.path, "w") as f:
+            f.write("".join(k + "\n" for k in keep))
+
+    def log(self, step: int, stage: str, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": int(step), "stage": stage}
+        for k, v in metrics.items():
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                continue
+            rec[k] = v if math.isfinite(v) else None
+            if self.tb is not None and math.isfinite(v):
+                self.tb.add_scalar(f"{stage}/{k}", v, step)
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.f.close()
+            if self.tb is not None:
+                self.tb.close()

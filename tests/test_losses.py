@@ -1,0 +1,116 @@
+"""GRPO and SFT losses against an independent NumPy implementation of the documented formula."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtr_jax.train import losses
+
+
+def numpy_grpo(logp, old, ref, adv, mask, eps_low, eps_high, beta, agg, max_len):
+    """Straight from the formula in the losses module docstring, loop by loop."""
+    n, t = logp.shape
+    per_seq_sum, per_seq_cnt = [], []
+    for i in range(n):
+        s, c = 0.0, 0.0
+        for j in range(t):
+            if not mask[i, j]:
+                continue
+            rho = np.exp(logp[i, j] - old[i, j])
+            clipped = min(max(rho, 1 - eps_low), 1 + eps_high)
+            pg = -min(rho * adv[i], clipped * adv[i])
+            d = ref[i, j] - logp[i, j]
+            kl = np.exp(d) - d - 1
+            s += pg + beta * kl
+            c += 1
+        per_seq_sum.append(s)
+        per_seq_cnt.append(c)
+    if agg == "token-mean":
+        return sum(per_seq_sum) / sum(per_seq_cnt)
+    if agg == "seq-mean-token-mean":
+        return np.mean([s / max(c, 1) for s, c in zip(per_seq_sum, per_seq_cnt)])
+    return np.mean([s / max_len for s in per_seq_sum])
+
+
+@pytest.fixture
+def fixed():
+    rng = np.random.RandomState(0)
+    n, t = 6, 9
+    logp = rng.uniform(-3, -0.1, (n, t))
+    old = logp + rng.normal(0, 0.3, (n, t))  # ratios both inside and outside the clip range
+    ref = logp + rng.normal(0, 0.5, (n, t))
+    adv = rng.normal(0, 1, n)
+    mask = (rng.uniform(size=(n, t)) > 0.3).astype(np.float64)
+    mask[2] = 0.0  # an episode with no generated tokens
+    return logp, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("agg", losses.LOSS_AGGS)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_loss_matches_numpy(fixed, agg, beta):
+    logp, old, ref, adv, mask = fixed
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=beta, loss_agg=agg, max_len=16)
+    want = numpy_grpo(logp, old, ref, adv, mask, 0.2, 0.28, beta, agg, 16)
+    num, _ = losses.grpo_loss_num(*(jnp.asarray(x, jnp.float32) for x in (logp, old, ref, adv, mask)), **kw)
+    got = float(num) / losses.grpo_denominator(mask, agg)
+    assert abs(got - want) <= 1e-6 * max(1.0, abs(want)), (got, want)
+    # the same loss split into micro-batches, each divided by the step's denominator
+    den = losses.grpo_denominator(mask, agg)
+    parts = [losses.grpo_loss_num(*(jnp.asarray(x[s], jnp.float32) for x in (logp, old, ref, adv, mask)), **kw)[0]
+             for s in (slice(0, 2), slice(2, 5), slice(5, 6))]
+    assert abs(sum(float(p) for p in parts) / den - want) <= 1e-6 * max(1.0, abs(want))
+
+
+def test_grpo_gradient_raises_positive_advantage_logprobs(fixed):
+    logp, old, ref, adv, mask = fixed
+    adv = np.array([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    old = logp.copy()  # on-policy: ratio 1, inside the clip range
+
+    def loss(lp):
+        num, _ = losses.grpo_loss_num(lp, jnp.asarray(old), jnp.asarray(ref), jnp.asarray(adv), jnp.asarray(mask),
+                                      eps_low=0.2, eps_high=0.2, beta=0.0, loss_agg="token-mean", max_len=16)
+        return num / losses.grpo_denominator(mask, "token-mean")
+
+    g = np.asarray(jax.grad(loss)(jnp.asarray(logp)))
+    step = logp - 0.1 * g  # gradient descent on the loss
+    for i in range(len(adv)):
+        m = mask[i] > 0
+        if not m.any():
+            continue
+        moved = (step[i][m] - logp[i][m])
+        assert (np.sign(moved) == np.sign(adv[i])).all()
+
+
+def test_group_advantages():
+    r = np.array([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    a = losses.group_advantages(r, 4)
+    g = r[:4]
+    np.testing.assert_allclose(a[:4], (g - g.mean()) / (g.std(ddof=1) + 1e-6), rtol=1e-6)
+    np.testing.assert_allclose(a[4:], 0.0)  # equal rewards: no signal
+    np.testing.assert_allclose(losses.group_advantages(r, 4, scale_std=False)[:4], g - g.mean(), rtol=1e-6)
+
+
+def test_sft_loss_ignores_non_assistant_tokens():
+    from util import tiny_config
+    from mtr_jax.model import qwen2
+
+    cfg = tiny_config()
+    params = qwen2.init_params(cfg, jax.random.PRNGKey(0), std=0.2)
+    rng = np.random.RandomState(1)
+    tokens = rng.randint(0, cfg.vocab_size, (2, 12)).astype(np.int32)
+    mask = np.zeros((2, 12), np.int32)
+    mask[:, 8:] = 1  # only the last 4 tokens are labels
+    seg = np.ones((2, 12), np.int32)
+    pos = np.tile(np.arange(12, dtype=np.int32), (2, 1))
+    b = dict(tokens=tokens, loss_mask=mask, segment_ids=seg, positions=pos)
+    num, den = losses.sft_loss_num(params, cfg, b)
+    # tokens after the last label change nothing; a different label changes it
+    # (tokens BEFORE the labels are context, so they legitimately matter)
+    logits = np.asarray(qwen2.forward(params, cfg, tokens))
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    want = -sum(logits[i, t - 1, tokens[i, t]] - lse[i, t - 1] for i in range(2) for t in range(8, 12))
+    assert abs(float(num) - want) < 1e-3 and float(den) == 8
+    # non-label tokens are masked: changing the label mask to exclude a token changes the loss by its term only
+    b2 = dict(b, loss_mask=np.zeros_like(mask))
+    assert float(losses.sft_loss_num(params, cfg, b2)[0]) == 0.0
