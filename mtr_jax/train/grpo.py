@@ -1,0 +1,278 @@
+"""Stage 2, GRPO: grouped multi-turn rollouts against simulated tools, composite trace reward,
+group-relative advantages, clipped policy-gradient updates (formulas in `train/losses.py`).
+
+One step: B questions -> B x G episodes (jitted sampler, tool turns answered by the ToolActor and
+appended through the sampler's continuation) -> composite reward per episode -> advantages ->
+`mu` passes over `minibatches` optimiser steps. Old-policy log-probs are recomputed by the
+trainer's own forward (same temperature, same masking) and their gap to the sampler's log-probs
+is logged every step (`logprob_gap`): a silent mismatch is how GRPO collapses.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtr_jax.config import Config
+from mtr_jax.errors import MtrError
+from mtr_jax.train import losses
+from mtr_jax.train.metrics import MetricsLogger
+from mtr_jax.train.optim import make_optimizer
+from mtr_jax.train.step import make_train_step, split_micro
+
+
+def bucket(n: int, minimum: int = 64) -> int:
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def episodes_to_batch(eps, rows: int, length: int, pad_id: int):
+    """Pad episodes into [rows, length] arrays. mask/logp are on the LABEL side (index t = token t)."""
+    tokens = np.full((rows, length), pad_id, np.int32)
+    seg = np.zeros((rows, length), np.int32)
+    mask = np.zeros((rows, length), np.float32)
+    slogp = np.zeros((rows, length), np.float32)
+    for i, e in enumerate(eps):
+        n = len(e.token_ids)
+        tokens[i, :n] = e.token_ids
+        seg[i, :n] = 1
+        mask[i, :n] = e.loss_mask
+        slogp[i, :n] = e.logprobs
+    pos = np.tile(np.arange(length, dtype=np.int32), (rows, 1))
+    return {"tokens": tokens, "segment_ids": seg, "positions": pos, "mask": mask, "sampler_logp": slogp}
+
+
+def make_logprob_fn(model_cfg, temperature: float):
+    @jax.jit
+    def fn(params, tokens, seg, pos):
+        logp, ent = losses.token_logprobs(params, model_cfg, tokens, seg, pos, temperature)
+        return logp, ent
+
+    return fn
+
+
+def make_grpo_loss(model_cfg, g):
+    def loss_num(p, mb):
+        logp, ent = losses.token_logprobs(p, model_cfg, mb["tokens"], mb["segment_ids"], mb["positions"], g.temperature)
+        m = mb["mask"][:, 1:]
+        num, st = losses.grpo_loss_num(
+            logp, mb["old_logp"], mb["ref_logp"], mb["adv"], m, eps_low=g.epsilon_low, eps_high=g.epsilon_high,
+            beta=g.beta, loss_agg=g.loss_agg, max_len=g.max_new_tokens * g.max_turns,
+        )
+        st["entropy_sum"] = jnp.sum(ent * m)
+        return num, st
+
+    return loss_num
+
+
+class GRPOTrainer:
+    """Holds what one GRPO run needs; `step()` does one rollout + update iteration."""
+
+    def __init__(self, cfg: Config, model_cfg, params, tokenizer, records, actor, toolmaker, *, mesh=None,
+                 ref_params=None, total_steps=None):
+        from mtr_jax.sampling import Sampler, SamplingParams
+
+        g = cfg.grpo
+        if g.loss_agg not in losses.LOSS_AGGS:
+            raise MtrError(f"grpo.loss_agg={g.loss_agg!r}: expected one of {', '.join(losses.LOSS_AGGS)}")
+        if (g.batch_size * g.group_size) % g.minibatches:
+            raise MtrError(f"grpo.minibatches={g.minibatches} does not divide B*G={g.batch_size * g.group_size}")
+        if g.group_size < 2:
+            raise MtrError("grpo.group_size must be >= 2 (advantages are relative to the group)")
+        if not records:
+            raise MtrError("grpo: no questions to train on")
+        self.cfg, self.g, self.model_cfg, self.tok = cfg, g, model_cfg, tokenizer
+        self.records, self.actor, self.toolmaker, self.mesh = records, actor, toolmaker, mesh
+        self.params = params
+        self.ref_params = ref_params if g.beta else None
+        if g.beta and ref_params is None:
+            self.ref_params = jax.tree_util.tree_map(lambda x: x.copy(), params)
+        self.tx, self.sched = make_optimizer(g.optim, total_steps or g.steps)
+        self.opt_state = jax.jit(self.tx.init)(params)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        self.sampler = Sampler(model_cfg, cache_len=g.max_len, eos_ids=[e for e in eos if e is not None], pad_id=self.pad_id,
+                               mesh=mesh)
+        self.sampling = SamplingParams(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+        self.logprob_fn = make_logprob_fn(model_cfg, g.temperature)
+        self.step_fn = make_train_step(make_grpo_loss(model_cfg, g), self.tx)
+        self.tools_cache: dict[str, list] = {}
+
+    def tools_for(self, rec):
+        if rec.id not in self.tools_cache:
+            self.tools_cache[rec.id] = self.toolmaker.make(rec)
+        return self.tools_cache[rec.id]
+
+    def rollout(self, recs, key, group_size, sampling=None, params=None):
+        from mtr_jax.rollout.episodes import run_episodes
+
+        g = self.g
+        return run_episodes(
+            self.sampler, self.params if params is None else params, self.tok, recs, [self.tools_for(r) for r in recs],
+            self.actor, group_size=group_size, sampling=sampling or self.sampling, max_turns=g.max_turns,
+            max_new_tokens=g.max_new_tokens, max_len=g.max_len, key=key,
+        )
+
+    def score(self, eps):
+        from mtr_jax.rewards import RewardWeights, composite_reward
+
+        g = self.g
+        w = RewardWeights(w_answer=g.w_answer, w_consistency=g.w_consistency, format_penalty=g.format_penalty,
+                          correctness=g.correctness)
+        return [composite_reward(e.turn_texts, e.observations, e.calls_valid, e.record.golds, w) for e in eps]
+
+    def step(self, recs, key):
+        g = self.g
+        t0 = time.perf_counter()
+        eps = self.rollout(recs, key, g.group_size)
+        scores = self.score(eps)
+        t_roll = time.perf_counter() - t0
+        rewards = np.array([s["reward"] for s in scores], np.float32)
+        adv = losses.group_advantages(rewards, g.group_size, scale_std=g.scale_std)
+        keep = np.ones(len(eps), bool)
+        if g.drop_equal_groups:
+            grp = rewards.reshape(-1, g.group_size)
+            keep = np.repeat(~np.all(grp == grp[:, :1], axis=1), g.group_size)
+        metrics = self._rollout_metrics(eps, scores, rewards)
+        t1 = time.perf_counter()
+        upd = self._update([e for e, k in zip(eps, keep) if k], adv[keep]) if keep.any() else {"skipped_groups": 1.0}
+        metrics.update(upd)
+        metrics["rollout_s"], metrics["update_s"] = t_roll, time.perf_counter() - t1
+        metrics["kept_episodes"] = float(keep.sum())
+        return metrics, eps, scores
+
+    def _update(self, eps, adv):
+        g = self.g
+        n = len(eps)
+        mbs = g.minibatches
+        # rows padded to B*G (a fixed shape whatever groups were dropped: no recompiles)
+        rows = g.batch_size * g.group_size
+        length = bucket(max(len(e.token_ids) for e in eps))
+        b = episodes_to_batch(eps, rows, length, self.pad_id)
+        adv_full = np.zeros(rows, np.float32)
+        adv_full[:n] = adv
+        old_logp, ent = self.logprob_fn(self.params, b["tokens"], b["segment_ids"], b["positions"])
+        old_logp = np.asarray(old_logp)
+        m = b["mask"][:, 1:]
+        gap = float(np.abs((old_logp - b["sampler_logp"][:, 1:]) * m).sum() / max(m.sum(), 1))
+        ref_logp = np.asarray(self.logprob_fn(self.ref_params, b["tokens"], b["segment_ids"], b["positions"])[0]) \
+            if g.beta else np.zeros_like(old_logp)
+        data = {"tokens": b["tokens"], "segment_ids": b["segment_ids"], "positions": b["positions"], "mask": b["mask"],
+                "old_logp": old_logp, "ref_logp": ref_logp, "adv": adv_full}
+        per = rows // mbs
+        tot = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "skipped": 0.0}
+        count = 0
+        for _ in range(g.mu):
+            for j in range(mbs):
+                sl = slice(j * per, (j + 1) * per)
+                mb = {k: v[sl] for k, v in data.items()}
+                n_real = max(0, min(n, (j + 1) * per) - j * per)
+                denom = losses.grpo_denominator(mb["mask"][:, 1:], g.loss_agg, n_episodes=n_real)
+                mb = split_micro(mb, 1)
+                if self.mesh is not None:
+                    from mtr_jax.parallel.rules import batch_sharding
+
+                    mb = jax.device_put(mb, batch_sharding(self.mesh, 3))
+                self.params, self.opt_state, met = self.step_fn(self.params, self.opt_state, mb, jnp.float32(denom))
+                met = jax.device_get(met)
+                toks = max(float(met["tokens"]), 1.0)
+                tot["loss"] += float(met["loss"])
+                tot["grad_norm"] += float(met["grad_norm"])
+                tot["kl"] += float(met["kl_sum"]) / toks
+                tot["clip_frac"] += float(met["clip_sum"]) / toks
+                tot["entropy"] += float(met["entropy_sum"]) / toks
+                tot["skipped"] += float(met["skipped"])
+                count += 1
+        out = {k: v / count for k, v in tot.items()}
+        out["skipped"] = tot["skipped"]
+        out["logprob_gap"] = gap
+        return out
+
+    @staticmethod
+    def _rollout_metrics(eps, scores, rewards):
+        met = {"reward": float(rewards.mean()), "reward_std": float(rewards.std())}
+        for k in scores[0]:
+            if k != "reward":
+                vals = [float(s[k]) for s in scores if isinstance(s.get(k), (int, float, bool, np.floating))]
+                if vals:
+                    met[f"reward/{k}"] = float(np.mean(vals))
+        if "em" in scores[0]:
+            met["em"] = float(np.mean([s["em"] for s in scores]))
+        met["response_len"] = float(np.mean([sum(e.loss_mask) for e in eps]))
+        met["turns"] = float(np.mean([e.counters["turns"] for e in eps]))
+        met["tool_calls"] = float(np.mean([e.counters["tool_calls"] for e in eps]))
+        calls = sum(e.counters["tool_calls"] for e in eps)
+        met["invalid_call_rate"] = float(sum(e.counters["invalid_calls"] for e in eps) / max(calls, 1))
+        return met
+
+
+def train_grpo(cfg: Config, model_cfg, params, tokenizer, records, actor, toolmaker, run_dir, *, mesh=None,
+               resume=False, progress=True, stop_after=None):
+    """The GRPO loop with checkpoints, metrics and resume; returns the final params."""
+    from mtr_jax.data.pipeline import question_batches
+    from mtr_jax.train.checkpoint import Checkpointer
+    from mtr_jax.train.sft import _progress
+
+    g = cfg.grpo
+    tr = GRPOTrainer(cfg, model_cfg, params, tokenizer, records, actor, toolmaker, mesh=mesh)
+    it = question_batches(records, batch_size=g.batch_size, seed=cfg.run.seed,
+                          shard_index=jax.process_index(), shard_count=jax.process_count())
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.run.keep_checkpoints)
+    key = jax.random.PRNGKey(cfg.run.seed)
+    start = 0
+    if resume:
+        latest = ckpt.latest_step()
+        if latest is None:
+            raise MtrError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}")
+        target = {"params": tr.params, "opt_state": tr.opt_state, "key": key}
+        if tr.ref_params is not None:
+            target["ref_params"] = tr.ref_params
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+        state, meta = ckpt.restore(latest, target=abstract)
+        tr.params, tr.opt_state, key = state["params"], state["opt_state"], state["key"]
+        if tr.ref_params is not None:
+            tr.ref_params = state["ref_params"]
+        it.set_state(meta["data_state"])
+        start = int(meta["step"])
+    logger = MetricsLogger(run_dir, resume_step=start if resume else None)
+    bar = _progress(g.steps, start, "grpo", progress)
+    for step in range(start + 1, g.steps + 1):
+        recs = next(it)
+        key, sub = jax.random.split(key)
+        metrics, _, _ = tr.step(recs, sub)
+        metrics["lr"] = float(tr.sched(step - 1))
+        logger.log(step, "grpo", metrics)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}")
+        bar.update(1)
+        if stop_after is not None and step >= stop_after:
+            break
+        if step % cfg.run.checkpoint_every == 0 or step == g.steps:
+            state = {"params": tr.params, "opt_state": tr.opt_state, "key": key}
+            if tr.ref_params is not None:
+                state["ref_params"] = tr.ref_params
+            ckpt.save(step, state, meta={"step": step, "data_state": it.get_state(), "model_config": model_cfg.to_hf_dict()})
+    ckpt.wait()
+    ckpt.close()
+    bar.close()
+    logger.close()
+    return tr.params
+
+
+def cli(args) -> int:
+    from mtr_jax.train.setup import load_records_from_config, load_tokenizer, make_actor, make_toolmaker, setup_model
+
+    cfg: Config = args.cfg
+    tokenizer = load_tokenizer(cfg)
+    records = load_records_from_config(cfg)
+    mesh, model_cfg, params = setup_model(cfg)
+    actor = make_actor(cfg)
+    print(f"grpo: {len(records)} questions, {cfg.grpo.steps} steps x {cfg.grpo.batch_size}x{cfg.grpo.group_size} -> {cfg.run.out_dir}")
+    train_grpo(cfg, model_cfg, params, tokenizer, records, actor, make_toolmaker(cfg), cfg.run.out_dir, mesh=mesh,
+               resume=args.resume)
+    return 0

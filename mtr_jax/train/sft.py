@@ -1,0 +1,176 @@
+"""Stage 1, SFT: next-token cross-entropy on the tokens the model emits in a trace.
+
+Traces are rendered by the trace grammar (`render_trace` -> ids, loss mask), packed into rows of
+`sft.seq_len` (segment ids keep packed traces apart), and trained with the shared jitted step
+(gradient accumulation as (sum, denominator): the loss is the mean over every assistant token of
+the optimiser step, whatever the micro-batch split). Checkpoints hold params, optimiser state, the
+step and the data iterator's state, so `--resume` after a kill continues with the next unseen row
+and ends bitwise equal to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtr_jax.config import Config
+from mtr_jax.errors import MtrError
+from mtr_jax.train import losses
+from mtr_jax.train.metrics import MetricsLogger
+from mtr_jax.train.optim import make_optimizer
+from mtr_jax.train.step import make_train_step, split_micro
+
+
+def read_traces(path: str) -> list[dict]:
+    if not path or not os.path.exists(path):
+        raise MtrError(f"traces file not found: {path or '(data.traces is empty)'}")
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                t = json.loads(line)
+            except json.JSONDecodeError:
+                raise MtrError(f"{path}:{n}: not valid JSON") from None
+            if not isinstance(t, dict) or not isinstance(t.get("messages"), list):
+                raise MtrError(f"{path}:{n}: a trace needs a 'messages' list")
+            out.append(t)
+    return out
+
+
+def traces_to_examples(tokenizer, traces: list[dict], max_len: int) -> tuple[list, int]:
+    """Render each trace to (ids, loss_mask); traces longer than max_len are dropped and counted."""
+    from mtr_jax.traces.render import render_trace
+
+    examples, dropped = [], 0
+    for t in traces:
+        ids, mask = render_trace(tokenizer, t)
+        if len(ids) > max_len or not any(mask):
+            dropped += 1
+            continue
+        examples.append((np.asarray(ids, np.int32), np.asarray(mask, np.int32)))
+    if not examples:
+        raise MtrError(f"no valid traces to train on ({dropped} dropped: longer than {max_len} tokens or empty)")
+    return examples, dropped
+
+
+def shardings_of(tree):
+    return jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+
+def train_sft(
+    cfg: Config,
+    model_cfg,
+    params,
+    examples: list,
+    run_dir: str,
+    *,
+    mesh=None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+):
+    """Runs `cfg.sft.steps` optimiser steps; returns (params, last metrics). `stop_after` ends the
+    loop early (tests: simulate a run that is cut short) without the final checkpoint."""
+    from mtr_jax.data.pipeline import sft_batches
+    from mtr_jax.parallel.rules import batch_sharding
+    from mtr_jax.train.checkpoint import Checkpointer
+
+    s = cfg.sft
+    if s.batch_size % s.grad_accum:
+        raise MtrError(f"sft.batch_size={s.batch_size} is not a multiple of sft.grad_accum={s.grad_accum}")
+    tx, sched = make_optimizer(s.optim, s.steps)
+    opt_state = jax.jit(tx.init)(params)
+
+    def loss_num(p, mb):
+        num, den = losses.sft_loss_num(p, model_cfg, mb)
+        return num, {"tokens": den}
+
+    step_fn = make_train_step(loss_num, tx)
+    it = sft_batches(examples, seq_len=s.seq_len, batch_size=s.batch_size, seed=cfg.run.seed,
+                     shard_index=jax.process_index(), shard_count=jax.process_count())
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.run.keep_checkpoints)
+    start = 0
+    if resume:
+        latest = ckpt.latest_step()
+        if latest is None:
+            raise MtrError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}")
+        target = {"params": params, "opt_state": opt_state}
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+        state, meta = ckpt.restore(latest, target=abstract)
+        params, opt_state = state["params"], state["opt_state"]
+        it.set_state(meta["data_state"])
+        start = int(meta["step"])
+    logger = MetricsLogger(run_dir, resume_step=start if resume else None)
+    in_sh = None if mesh is None else batch_sharding(mesh, 3)
+    bar = _progress(s.steps, start, "sft", progress)
+    metrics = {}
+    t_last = time.perf_counter()
+    for step in range(start + 1, s.steps + 1):
+        batch = next(it)
+        arrays = {k: batch[k] for k in ("tokens", "loss_mask", "segment_ids", "positions")}
+        labels = arrays["loss_mask"][:, 1:] * (arrays["segment_ids"][:, 1:] == arrays["segment_ids"][:, :-1])
+        denom = float(max(labels.sum(), 1))
+        mb = split_micro(arrays, s.grad_accum)
+        mb = jax.device_put(mb, in_sh) if in_sh is not None else mb
+        params, opt_state, m = step_fn(params, opt_state, mb, jnp.float32(denom))
+        if step % cfg.run.log_every == 0 or step == s.steps:
+            m = jax.device_get(m)
+            now = time.perf_counter()
+            metrics = {"loss": m["loss"], "grad_norm": m["grad_norm"], "skipped": m["skipped"], "lr": float(sched(step - 1)),
+                       "tokens": m["tokens"], "tokens_per_s": float(np.sum(arrays["segment_ids"] > 0)) / max(now - t_last, 1e-9)}
+            t_last = now
+            logger.log(step, "sft", metrics)
+            bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+        bar.update(1)
+        if stop_after is not None and step >= stop_after:
+            ckpt.wait()
+            bar.close()
+            logger.close()
+            return params, metrics
+        if step % cfg.run.checkpoint_every == 0 or step == s.steps:
+            ckpt.save(step, {"params": params, "opt_state": opt_state},
+                      meta={"step": step, "data_state": it.get_state(), "model_config": model_cfg.to_hf_dict()})
+    ckpt.wait()
+    ckpt.close()
+    bar.close()
+    logger.close()
+    return params, metrics
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, start, desc, enabled):
+    if not enabled or jax.process_index() != 0:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+
+
+def cli(args) -> int:
+    from mtr_jax.train.setup import load_tokenizer, setup_model
+
+    cfg: Config = args.cfg
+    tokenizer = load_tokenizer(cfg)
+    traces = read_traces(cfg.data.traces)
+    examples, dropped = traces_to_examples(tokenizer, traces, cfg.sft.seq_len)
+    mesh, model_cfg, params = setup_model(cfg)
+    print(f"sft: {len(examples)} traces ({dropped} dropped), {cfg.sft.steps} steps -> {cfg.run.out_dir}")
+    train_sft(cfg, model_cfg, params, examples, cfg.run.out_dir, mesh=mesh, resume=args.resume)
+    return 0

@@ -1,0 +1,59 @@
+"""The jitted optimiser step both trainers share.
+
+`make_train_step(loss_num, tx)` builds `step(params, opt_state, micro_batches, denom)`:
+the batch arrives as [A, b, ...] (A micro-batches), gradients of `loss_num(params, mb) / denom`
+are summed over the A micro-batches with `lax.scan` (so the step's loss is exact whatever A is),
+clipped and applied with optax. A non-finite loss or gradient leaves params and optimiser state
+untouched and reports `skipped=1` (the caller logs it; nothing non-finite is ever saved).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def make_train_step(loss_num, tx, donate: bool = True):
+    """loss_num(params, micro_batch) -> (numerator, aux dict of sums)."""
+
+    def step(params, opt_state, batches, denom):
+        def micro(carry, mb):
+            g_acc, loss_acc, aux_acc = carry
+
+            def f(p):
+                num, aux = loss_num(p, mb)
+                return num / denom, aux
+
+            (loss, aux), g = jax.value_and_grad(f, has_aux=True)(params)
+            g_acc = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+            aux_acc = jax.tree_util.tree_map(lambda a, b: a + b, aux_acc, aux)
+            return (g_acc, loss_acc + loss, aux_acc), None
+
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        first = jax.tree_util.tree_map(lambda x: x[0], batches)
+        aux0 = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda p, mb: loss_num(p, mb)[1], params, first))
+        (grads, loss, aux), _ = jax.lax.scan(micro, (zeros, jnp.float32(0.0), aux0), batches)
+        gnorm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        grads = jax.tree_util.tree_map(lambda g: jnp.where(ok, g, 0.0), grads)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jnp.where(ok, new, old)
+        new_params = jax.tree_util.tree_map(lambda n, o: keep(n, o).astype(o.dtype), new_params, params)
+        new_opt = jax.tree_util.tree_map(keep, new_opt, opt_state)
+        metrics = {"loss": loss, "grad_norm": gnorm, "skipped": 1.0 - ok.astype(jnp.float32), **aux}
+        return new_params, new_opt, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def split_micro(batch: dict, accum: int) -> dict:
+    """[B, ...] -> [accum, B/accum, ...] for every array of a batch."""
+
+    def f(x):
+        if x.shape[0] % accum:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {accum} micro-batches")
+        return x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
+
+    return {k: f(v) for k, v in batch.items()}
