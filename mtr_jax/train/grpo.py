@@ -10,6 +10,7 @@ is logged every step (`logprob_gap`): a silent mismatch is how GRPO collapses.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -120,12 +121,10 @@ class GRPOTrainer:
         )
 
     def score(self, eps):
-        from mtr_jax.rewards import RewardWeights, composite_reward
+        from mtr_jax.rewards import RewardWeights, trace_reward
 
-        g = self.g
-        w = RewardWeights(w_answer=g.w_answer, w_consistency=g.w_consistency, format_penalty=g.format_penalty,
-                          correctness=g.correctness)
-        return [composite_reward(e.turn_texts, e.observations, e.calls_valid, e.record.golds, w) for e in eps]
+        w = RewardWeights.from_config(self.g)
+        return [trace_reward(e.turn_texts, e.observations, e.calls_valid, e.record.golds, w) for e in eps]
 
     def step(self, recs, key):
         g = self.g
@@ -256,7 +255,7 @@ def train_grpo(cfg: Config, model_cfg, params, tokenizer, records, actor, toolma
             state = {"params": tr.params, "opt_state": tr.opt_state, "key": key}
             if tr.ref_params is not None:
                 state["ref_params"] = tr.ref_params
-            ckpt.save(step, state, meta={"step": step, "data_state": it.get_state(), "model_config": model_cfg.to_hf_dict()})
+            ckpt.save(step, state, meta={"step": step, "data_state": it.get_state(), "model_config": dataclasses.asdict(model_cfg)})
     ckpt.wait()
     ckpt.close()
     bar.close()

@@ -10,6 +10,7 @@ and ends bitwise equal to an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -136,7 +137,7 @@ def train_sft(
             return params, metrics
         if step % cfg.run.checkpoint_every == 0 or step == s.steps:
             ckpt.save(step, {"params": params, "opt_state": opt_state},
-                      meta={"step": step, "data_state": it.get_state(), "model_config": model_cfg.to_hf_dict()})
+                      meta={"step": step, "data_state": it.get_state(), "model_config": dataclasses.asdict(model_cfg)})
     ckpt.wait()
     ckpt.close()
     bar.close()

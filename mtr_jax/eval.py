@@ -1,0 +1,139 @@
+"""`mtr eval`: run the agent (greedy multi-turn rollouts against the configured ToolActor) over one
+or more datasets and score Exact Match / F1 with the official normalisation.
+
+Writes one JSON line per example to OUT/<dataset>.jsonl (question, golds, prediction, em, f1,
+turns, tool calls, the full trace) and OUT/results.json ({dataset: {em, f1, n, ...}}), and prints
+the table dataset x {EM, F1, avg turns, avg tool calls, invalid-call rate} plus the average.
+Resumable: ids already in OUT/<dataset>.jsonl are skipped on a re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from mtr_jax.errors import MtrError
+
+
+def score_episode(e) -> dict:
+    from mtr_jax.rewards import exact_match, f1
+
+    pred = e.answer or ""
+    return {
+        "id": e.record.id, "dataset": e.record.dataset, "question": e.record.question, "golds": e.record.golds,
+        "prediction": pred, "em": exact_match(pred, e.record.golds), "f1": f1(pred, e.record.golds),
+        "turns": e.counters["turns"], "tool_calls": e.counters["tool_calls"],
+        "invalid_calls": e.counters["invalid_calls"], "end_reason": e.end_reason, "trace": e.trace(),
+    }
+
+
+def summarize(rows: list[dict]) -> dict:
+    if not rows:
+        return {"em": 0.0, "f1": 0.0, "n": 0, "avg_turns": 0.0, "avg_tool_calls": 0.0, "invalid_call_rate": 0.0}
+    calls = sum(r["tool_calls"] for r in rows)
+    return {
+        "em": float(np.mean([r["em"] for r in rows])), "f1": float(np.mean([r["f1"] for r in rows])), "n": len(rows),
+        "avg_turns": float(np.mean([r["turns"] for r in rows])),
+        "avg_tool_calls": float(np.mean([r["tool_calls"] for r in rows])),
+        "invalid_call_rate": float(sum(r["invalid_calls"] for r in rows) / max(calls, 1)),
+    }
+
+
+def evaluate_records(run_rollout, records, batch_size: int, out_path: str | None = None, progress: bool = True,
+                     desc: str = "eval") -> list[dict]:
+    """Score `records` in batches with `run_rollout(records) -> episodes`; append rows to out_path
+    as they finish, and skip ids already there (resume)."""
+    done: dict[str, dict] = {}
+    if out_path and os.path.exists(out_path):
+        with open(out_path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    done[row["id"]] = row
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a line cut by a kill: redo that example
+    todo = [r for r in records if r.id not in done]
+    rows = [done[r.id] for r in records if r.id in done]
+    fout = open(out_path, "a") if out_path else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(records), initial=len(rows), desc=desc, dynamic_ncols=True)
+    try:
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            for e in run_rollout(chunk):
+                row = score_episode(e)
+                rows.append(row)
+                if fout:
+                    fout.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    fout.flush()
+            if bar:
+                bar.update(len(chunk))
+    finally:
+        if fout:
+            fout.close()
+        if bar:
+            bar.close()
+    return rows
+
+
+def format_table(results: dict) -> str:
+    head = f"{'dataset':<18}{'EM':>8}{'F1':>8}{'n':>6}{'turns':>8}{'calls':>8}{'invalid':>9}"
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        lines.append(
+            f"{name:<18}{r['em']:>8.3f}{r['f1']:>8.3f}{r['n']:>6d}{r.get('avg_turns', 0):>8.2f}"
+            f"{r.get('avg_tool_calls', 0):>8.2f}{r.get('invalid_call_rate', 0):>9.3f}"
+        )
+    return "\n".join(lines)
+
+
+def average_row(results: dict) -> dict:
+    keys = ["em", "f1", "avg_turns", "avg_tool_calls", "invalid_call_rate"]
+    avg = {k: float(np.mean([r[k] for r in results.values()])) for k in keys} if results else {k: 0.0 for k in keys}
+    avg["n"] = int(sum(r["n"] for r in results.values()))
+    return avg
+
+
+def cli(args) -> int:
+    import jax
+
+    from mtr_jax.sampling import Sampler, SamplingParams
+    from mtr_jax.rollout.episodes import run_episodes
+    from mtr_jax.train.setup import load_datasets, load_tokenizer, make_actor, make_toolmaker, setup_model
+
+    cfg = args.cfg
+    if args.checkpoint:
+        cfg.model.init_from = args.checkpoint
+    limit = args.limit if args.limit is not None else cfg.eval.limit
+    out_dir = args.out or os.path.join(cfg.run.out_dir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = load_tokenizer(cfg)
+    datasets = load_datasets(cfg, limit=limit, on_error="skip")
+    mesh, model_cfg, params = setup_model(cfg)
+    actor, toolmaker = make_actor(cfg, out_dir), make_toolmaker(cfg)
+    e = cfg.eval
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    sampler = Sampler(model_cfg, cache_len=e.max_len, eos_ids=[i for i in eos if i is not None],
+                      pad_id=tokenizer.pad_token_id or 0, mesh=mesh)
+
+    def rollout(recs):
+        return run_episodes(sampler, params, tokenizer, recs, [toolmaker.make(r) for r in recs], actor, group_size=1,
+                            sampling=SamplingParams(greedy=True), max_turns=e.max_turns, max_new_tokens=e.max_new_tokens,
+                            max_len=e.max_len, key=jax.random.PRNGKey(0))
+
+    results = {}
+    for name, (records, skipped) in datasets.items():
+        rows = evaluate_records(rollout, records, e.batch_size, os.path.join(out_dir, f"{name}.jsonl"), desc=name)
+        results[name] = summarize(rows)
+        results[name]["skipped_malformed"] = skipped
+    results["average"] = average_row(results)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(format_table(results))
+    print(f"per-example JSONL and results.json in {out_dir}")
+    return 0
