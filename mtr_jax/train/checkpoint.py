@@ -62,7 +62,7 @@ class Checkpointer:
             json.dumps(meta or {})
         except TypeError as e:
             raise TypeError(f"Checkpointer.save: meta must be JSON-serialisable ({e})") from None
-        items = {k: ocp.args.StandardSave(_keys_to_data(v)) for k, v in state.items()}
+        items = {k: ocp.args.StandardSave(_wrap(_keys_to_data(v))) for k, v in state.items()}
         items[META] = ocp.args.JsonSave(dict(meta or {}))
         return self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
 
@@ -119,12 +119,26 @@ class Checkpointer:
             t = target.get(n)
             if t is None:
                 t = _target_from_metadata(meta_tree[n])
+            else:
+                t = _wrap(t)
             t, keys_in[n] = _split_keys(t)
             args[n] = ocp.args.StandardRestore(t)
         args[META] = ocp.args.JsonRestore()
         out = self._mngr.restore(step, args=ocp.args.Composite(**args))
-        state = {n: _join_keys(out[n], keys_in[n]) for n in names}
+        state = {n: _unwrap(_join_keys(out[n], keys_in[n])) for n in names}
         return state, dict(out[META] or {})
+
+
+_LEAF = "_leaf"
+
+
+def _wrap(x):
+    """orbax's StandardSave wants a container: a bare array/scalar item is stored as {"_leaf": x}."""
+    return {_LEAF: x} if not isinstance(x, (dict, list, tuple)) else x
+
+
+def _unwrap(x):
+    return x[_LEAF] if isinstance(x, dict) and set(x) == {_LEAF} else x
 
 
 def _target_from_metadata(md):
@@ -191,15 +205,7 @@ def load_params(ckpt_dir, mesh=None, step: int | None = None, dtype: str | None 
 
     root, step = _root_and_step(ckpt_dir, step)
     ck = Checkpointer(root, keep=None)
-    meta = ck.meta(step)
-    mc = meta.get("model_config")
-    if not isinstance(mc, dict):
-        raise MtrError(f"{root}: checkpoint metadata has no 'model_config'")
-    names = {f.name for f in dataclasses.fields(Qwen2Config)}
-    try:
-        cfg = Qwen2Config(**{k: v for k, v in mc.items() if k in names})
-    except TypeError as e:
-        raise MtrError(f"{root}: bad model_config in checkpoint metadata ({e})") from None
+    cfg = _model_config(ck.meta(step), root)
     if mesh is not None:
         from mtr_jax.parallel.rules import param_shardings
 
@@ -218,6 +224,29 @@ def load_params(ckpt_dir, mesh=None, step: int | None = None, dtype: str | None 
         cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
         params = jax.tree_util.tree_map(lambda a: a.astype(cfg.storage_dtype), params)
     return params, cfg
+
+
+def _model_config(meta: dict, root):
+    from mtr_jax.model.qwen2 import Qwen2Config
+
+    mc = meta.get("model_config")
+    if not isinstance(mc, dict):
+        raise MtrError(f"{root}: checkpoint metadata has no 'model_config'")
+    names = {f.name for f in dataclasses.fields(Qwen2Config)}
+    try:
+        return Qwen2Config(**{k: v for k, v in mc.items() if k in names})
+    except TypeError as e:
+        raise MtrError(f"{root}: bad model_config in checkpoint metadata ({e})") from None
+
+
+def checkpoint_model_config(ckpt_dir, step: int | None = None):
+    """The Qwen2Config recorded in a checkpoint's metadata (latest step unless given)."""
+    root, step = _root_and_step(ckpt_dir, step)
+    ck = Checkpointer(root, keep=None)
+    try:
+        return _model_config(ck.meta(step), root)
+    finally:
+        ck.close()
 
 
 def _is_spec(x):

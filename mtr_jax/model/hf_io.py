@@ -1,0 +1,409 @@
+"""Hugging Face <-> JAX weights for Qwen2 / Qwen2.5, one tensor at a time.
+
+Loading reads safetensors through a memory map (our own 30-line reader: numpy has no bfloat16, so
+`safetensors.numpy` cannot hand out bf16 tensors) and builds each parameter with
+`jax.make_array_from_callback`: every device asks only for its own shard, so a sharded 7B model is
+never materialised whole on the host. HF stores Linear weights [out, in]; we store [in, out] and
+stack layers on a leading axis, so the callback transposes and stacks per requested slice.
+
+Export streams the other way: one HF tensor at a time from device to a safetensors file, split
+into shards with an index above `max_shard_bytes`. Tied embeddings write no `lm_head.weight`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import struct
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from mtr_jax.errors import MtrError
+from mtr_jax.model.qwen2 import DTYPES, Qwen2, Qwen2Config, param_specs
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+# ---------------------------------------------------------------------------------------------
+# safetensors, read via mmap and written by streaming.
+
+
+class SafetensorsFile:
+    """Lazy reader: `get(name)` is a zero-copy read-only view into the memory-mapped file."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n <= 0 or n > 100_000_000:
+                    raise ValueError("bad header length")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise MtrError(f"{path}: not a readable safetensors file ({e})") from None
+        self.header = {k: v for k, v in header.items() if k != "__metadata__"}
+        self.offset = 8 + n
+        self._mm = None
+
+    def keys(self):
+        return self.header.keys()
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.header[name]["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise MtrError(f"{self.path}: tensor '{name}' has unsupported dtype {info['dtype']}")
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        start, end = info["data_offsets"]
+        dt = np.dtype(_ST_DTYPES[info["dtype"]])
+        raw = self._mm[self.offset + start : self.offset + end]
+        if raw.size != dt.itemsize * int(np.prod(info["shape"], dtype=np.int64)):
+            raise MtrError(f"{self.path}: tensor '{name}' is truncated")
+        return raw.view(dt).reshape(info["shape"])
+
+
+def write_safetensors(path: pathlib.Path, tensors: list[tuple[str, tuple, np.dtype, callable]]) -> None:
+    """tensors: (name, shape, numpy dtype, fetch() -> np.ndarray). Header first, then each tensor
+    fetched and written in turn, so only one tensor is on the host at a time."""
+    header, off = {}, 0
+    for name, shape, dt, _ in tensors:
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+        header[name] = {"dtype": _ST_NAMES[np.dtype(dt)], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    header["__metadata__"] = {"format": "pt"}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)  # the spec asks for an 8-byte aligned data section
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for name, shape, dt, fetch in tensors:
+            a = np.ascontiguousarray(fetch(), dtype=dt)
+            if a.shape != tuple(shape):
+                raise RuntimeError(f"tensor {name}: fetched shape {a.shape} != {shape}")
+            f.write(a.tobytes())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Name mapping: our param path -> HF tensor name(s) and whether the HF tensor is transposed.
+
+
+def hf_names(cfg: Qwen2Config) -> dict:
+    """{our path tuple: ([hf name per layer] or [hf name], transpose)}."""
+    L = cfg.num_hidden_layers
+    per_layer = {
+        "input_norm": ("input_layernorm.weight", False),
+        "post_norm": ("post_attention_layernorm.weight", False),
+        "q_w": ("self_attn.q_proj.weight", True),
+        "q_b": ("self_attn.q_proj.bias", False),
+        "k_w": ("self_attn.k_proj.weight", True),
+        "k_b": ("self_attn.k_proj.bias", False),
+        "v_w": ("self_attn.v_proj.weight", True),
+        "v_b": ("self_attn.v_proj.bias", False),
+        "o_w": ("self_attn.o_proj.weight", True),
+        "gate_w": ("mlp.gate_proj.weight", True),
+        "up_w": ("mlp.up_proj.weight", True),
+        "down_w": ("mlp.down_proj.weight", True),
+    }
+    out = {
+        ("embed",): (["model.embed_tokens.weight"], False),
+        ("final_norm",): (["model.norm.weight"], False),
+    }
+    for k, (suffix, t) in per_layer.items():
+        out[("layers", k)] = ([f"model.layers.{i}.{suffix}" for i in range(L)], t)
+    if not cfg.tie_word_embeddings:
+        out[("lm_head",)] = (["lm_head.weight"], True)
+    return out
+
+
+def _get_path(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set_path(tree, path, value):
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+def resolve_hf_dir(path_or_hub_id: str) -> pathlib.Path:
+    """A local dir (or its config.json); a hub id only when no such local path exists."""
+    p = pathlib.Path(os.path.expanduser(str(path_or_hub_id)))
+    if p.exists():
+        return p.parent if p.is_file() else p
+    s = str(path_or_hub_id)
+    looks_like_hub = s.count("/") == 1 and not s.startswith((".", "/", "~")) and "\\" not in s
+    if not looks_like_hub:
+        raise MtrError(f"model path not found: {s}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            s, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"],
+        )
+    except Exception as e:  # offline, unknown repo, auth: all bad input from the user's side
+        raise MtrError(f"model path not found locally and hub download of '{s}' failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return pathlib.Path(local)
+
+
+def _open_weights(d: pathlib.Path) -> dict:
+    """{hf tensor name: SafetensorsFile}, from the index when sharded."""
+    index = d / "model.safetensors.index.json"
+    files: dict[str, SafetensorsFile] = {}
+    if index.exists():
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise MtrError(f"{index}: invalid safetensors index ({e})") from None
+        out = {}
+        for name, fname in wmap.items():
+            fp = d / fname
+            if fname not in files:
+                if not fp.exists():
+                    raise MtrError(f"{index}: lists shard '{fname}' which does not exist")
+                files[fname] = SafetensorsFile(fp)
+            if name not in files[fname].header:
+                raise MtrError(f"{fp}: missing tensor '{name}' (listed in {index.name})")
+            out[name] = files[fname]
+        return out
+    shards = sorted(d.glob("*.safetensors"))
+    if not shards:
+        if list(d.glob("*.bin")) or list(d.glob("*.pth")):
+            raise MtrError(f"{d}: only PyTorch .bin weights found; convert to safetensors first")
+        raise MtrError(f"{d}: no *.safetensors weights found")
+    out = {}
+    for fp in shards:
+        f = SafetensorsFile(fp)
+        for name in f.keys():
+            out[name] = f
+    return out
+
+
+def load_hf_params(path_or_hub_id: str, dtype: str = "float32", mesh=None, shardings=None, config: Qwen2Config | None = None):
+    """-> (params dict, Qwen2Config). Each param built directly in its target sharding: the ones
+    from `parallel.rules.param_shardings(cfg, mesh)` when `mesh` is given, else device 0."""
+    if dtype not in DTYPES:
+        raise MtrError(f"dtype '{dtype}': expected one of {sorted(DTYPES)}")
+    d = resolve_hf_dir(path_or_hub_id)
+    cfg = config or Qwen2Config.from_file(d)
+    cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+    weights = _open_weights(d)
+    specs = param_specs(cfg)
+    if shardings is None:
+        if mesh is not None:
+            from mtr_jax.parallel.rules import param_shardings
+
+            shardings = param_shardings(cfg, mesh)
+        else:
+            single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree_util.tree_map(lambda _: single, specs, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple))
+    target = np.dtype(DTYPES[dtype])
+    index_file = d / "model.safetensors.index.json"
+    plan = []
+    for path, (names, transpose) in hf_names(cfg).items():  # validate everything before reading
+        shape, _ = _get_path(specs, path)
+        stacked = path[0] == "layers"
+        want = shape[1:] if stacked else shape
+        want_hf = tuple(reversed(want)) if transpose else tuple(want)
+        for n in names:
+            if n not in weights:
+                raise MtrError(f"{index_file if index_file.exists() else d}: missing tensor '{n}'")
+            got = weights[n].shape(n)
+            if got != want_hf:
+                raise MtrError(f"{weights[n].path}: tensor '{n}' has shape {list(got)}, expected {list(want_hf)} for this config.json")
+        plan.append((path, names, transpose, shape, stacked))
+    params: dict = {}
+    for path, names, transpose, shape, stacked in plan:
+
+        def fetch(name, idx, transpose=transpose):
+            a = weights[name].get(name)
+            a = a.T if transpose else a
+            return np.asarray(a[idx], dtype=target)
+
+        def cb(index, names=names, stacked=stacked, fetch=fetch):
+            if not stacked:
+                return fetch(names[0], tuple(index))
+            rows = range(*index[0].indices(len(names)))
+            return np.stack([fetch(names[i], tuple(index[1:])) for i in rows])
+
+        arr = jax.make_array_from_callback(tuple(shape), _get_path(shardings, path), cb)
+        _set_path(params, path, arr)
+    return params, cfg
+
+
+def load_hf(path_or_hub_id: str, dtype: str = "float32", mesh=None):
+    """-> (Qwen2 NNX module, Qwen2Config)."""
+    params, cfg = load_hf_params(path_or_hub_id, dtype=dtype, mesh=mesh)
+    return Qwen2(cfg, params=params), cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Export.
+
+
+def _to_host(a) -> np.ndarray:
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(jax.device_get(a))
+
+
+def export_hf(model_or_params, config: Qwen2Config, out_dir, tokenizer=None, dtype: str | None = None,
+              max_shard_bytes: int = 5 * 1024**3) -> pathlib.Path:
+    """Write a directory `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    `tokenizer`: a transformers tokenizer (saved with `save_pretrained`) or a directory whose
+    tokenizer files are copied. `dtype`: float32 | bfloat16 (default: the config's param_dtype).
+    """
+    params = model_or_params.params() if isinstance(model_or_params, Qwen2) else model_or_params
+    dtype = dtype or config.param_dtype
+    if dtype not in DTYPES:
+        raise MtrError(f"dtype '{dtype}': expected one of {sorted(DTYPES)}")
+    np_dt = np.dtype(DTYPES[dtype])
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    main = jax.process_index() == 0
+
+    tensors = []
+    for path, (names, transpose) in hf_names(config).items():
+        arr = _get_path(params, path)
+        stacked = path[0] == "layers"
+        for i, name in enumerate(names):
+            shape = arr.shape[1:] if stacked else arr.shape
+            shape = tuple(reversed(shape)) if transpose else tuple(shape)
+
+            def fetch(arr=arr, i=i, stacked=stacked, transpose=transpose):
+                a = _to_host(arr[i] if stacked else arr)  # one layer slice at a time
+                a = a.astype(np_dt)
+                return a.T if transpose else a
+
+            tensors.append((name, shape, np_dt, fetch))
+
+    # group into shards of at most max_shard_bytes (a tensor bigger than that gets its own shard)
+    shards, cur, cur_bytes = [], [], 0
+    for t in tensors:
+        n = int(np.prod(t[1], dtype=np.int64)) * np_dt.itemsize
+        if cur and cur_bytes + n > max_shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(t)
+        cur_bytes += n
+    shards.append(cur)
+    for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        if main:
+            old.unlink()
+    if len(shards) == 1:
+        if main:
+            write_safetensors(out / "model.safetensors", shards[0])
+        else:
+            for t in shards[0]:
+                t[3]()  # every process joins the all-gathers
+    else:
+        wmap, total = {}, 0
+        for k, shard in enumerate(shards):
+            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            if main:
+                write_safetensors(out / fname, shard)
+            else:
+                for t in shard:
+                    t[3]()
+            for name, shape, _, _ in shard:
+                wmap[name] = fname
+                total += int(np.prod(shape, dtype=np.int64)) * np_dt.itemsize
+        if main:
+            (out / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": wmap}, indent=2)
+            )
+    if not main:
+        return out
+
+    hf_cfg = config.to_hf_dict(torch_dtype=dtype)
+    hf_cfg["torch_dtype"] = dtype  # transformers 4 reads this key, 5 reads "dtype"
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    gen = {"_from_model_config": True}
+    if config.bos_token_id is not None:
+        gen["bos_token_id"] = config.bos_token_id
+    if config.eos_token_id is not None:
+        gen["eos_token_id"] = config.eos_token_id
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if tokenizer is not None:
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(out))
+        else:
+            copy_tokenizer_files(tokenizer, out)
+    return out
+
+
+def copy_tokenizer_files(src, dst) -> int:
+    """Copy the HF tokenizer files found in `src` into `dst`; returns how many were copied."""
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    if not src.is_dir():
+        raise MtrError(f"tokenizer directory not found: {src}")
+    dst.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI.
+
+
+def cli_import(args) -> int:
+    """`mtr import-hf --model PATH_OR_ID --out DIR [--dtype]`: HF weights -> our checkpoint (step 0)."""
+    from mtr_jax.train.checkpoint import Checkpointer
+
+    d = resolve_hf_dir(args.model)
+    params, cfg = load_hf_params(str(d), dtype=args.dtype or "float32")
+    out = pathlib.Path(args.out)
+    ck = Checkpointer(out, keep=1)
+    if ck.latest_step() is not None:
+        raise MtrError(f"--out {out} already holds a checkpoint; choose an empty directory")
+    ntok = copy_tokenizer_files(d, out / "tokenizer") if any((d / f).exists() for f in TOKENIZER_FILES) else 0
+    meta = {"model_config": dataclasses.asdict(cfg), "source": str(args.model)}
+    if ntok:
+        meta["tokenizer"] = "tokenizer"  # relative to the checkpoint dir
+    ck.save(0, {"params": params}, meta=meta, force=True)
+    ck.close()
+    n = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
+    print(f"imported {args.model} -> {out} ({n / 1e6:.1f}M params, {cfg.param_dtype}{', tokenizer' if ntok else ''})")
+    return 0
+
+
+def cli_export(args) -> int:
+    """`mtr export-hf --checkpoint DIR --out DIR [--dtype]`: latest step of our checkpoint -> HF dir."""
+    from mtr_jax.train.checkpoint import find_tokenizer, load_params
+
+    params, cfg = load_params(args.checkpoint)
+    tok = find_tokenizer(args.checkpoint)
+    out = export_hf(params, cfg, args.out, tokenizer=str(tok) if tok else None, dtype=args.dtype)
+    print(f"exported {args.checkpoint} -> {out}{' (with tokenizer)' if tok else ''}")
+    return 0
