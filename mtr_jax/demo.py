@@ -228,18 +228,12 @@ def _show_with_transformers(hf_dir, rows, log) -> None:
     tr = row["trace"]
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
-    ids = render_prompt_ids(tok, tr["messages"][:2], _template_tools(tr["tools"]))
+    ids = render_prompt_ids(tok, tr["messages"][:2], tr["tools"])
     out = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
                          eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
     text = tok.decode(out[0, len(ids):], skip_special_tokens=False)
     log(f"      transformers reloaded the export; Q: {row['question']}")
     log(f"      first turn: {text.strip()[:200]}")
-
-
-def _template_tools(tools):
-    from mtr_jax.traces.render import tools_for_template
-
-    return tools_for_template(tools)
 
 
 def cli(args) -> int:

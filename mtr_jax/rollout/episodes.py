@@ -77,7 +77,7 @@ def run_episodes(
     prompts = []
     for rec, tools in zip(records, tools_per_record):
         msgs = [{"role": "system", "content": system_prompt}, {"role": "user", "content": rec.question}]
-        ids = trace_render.render_prompt_ids(tokenizer, msgs, trace_render.tools_for_template(tools))
+        ids = trace_render.render_prompt_ids(tokenizer, msgs, tools)
         prompts.append(ids)
         for _ in range(group_size):
             eps.append(Episode(rec, tools, list(ids), len(ids), [0] * len(ids), [0.0] * len(ids), messages=[dict(m) for m in msgs]))

@@ -1,0 +1,85 @@
+"""Assembling a run from its config: tokenizer, mesh + sharded model, datasets, tools.
+
+Every CLI subcommand that trains or evaluates goes through these, so each piece is built one way.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+
+from mtr_jax.config import Config
+from mtr_jax.errors import MtrError
+
+
+def load_tokenizer(cfg: Config):
+    """`model.tokenizer`, else the tokenizer saved next to `model.init_from` (HF dir or checkpoint)."""
+    from transformers import AutoTokenizer
+
+    path = cfg.model.tokenizer
+    if not path and cfg.model.init_from:
+        src = pathlib.Path(cfg.model.init_from)
+        if (src / "tokenizer_config.json").exists():
+            path = str(src)
+        else:
+            from mtr_jax.train.checkpoint import find_tokenizer
+
+            found = find_tokenizer(src) if src.exists() else None
+            path = str(found) if found else ""
+    if not path:
+        raise MtrError("no tokenizer: set model.tokenizer to a Hugging Face tokenizer directory")
+    if not os.path.exists(path):
+        raise MtrError(f"model.tokenizer: not found: {path}")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many kinds for a bad directory
+        raise MtrError(f"model.tokenizer: cannot load a tokenizer from {path} ({type(e).__name__})") from None
+
+
+def setup_model(cfg: Config):
+    """-> (mesh, Qwen2Config, params): multi-host init, the mesh, params created in their shardings."""
+    from mtr_jax.model.presets import build_params
+    from mtr_jax.parallel.distributed import maybe_initialize_distributed
+    from mtr_jax.parallel.mesh import make_mesh
+
+    maybe_initialize_distributed()
+    mesh = make_mesh(cfg.mesh)
+    params, model_cfg = build_params(cfg.model, mesh=mesh, key=jax.random.PRNGKey(cfg.run.seed))
+    return mesh, model_cfg, params
+
+
+def load_datasets(cfg: Config, limit: int = 0, on_error: str = "raise") -> dict:
+    """{dataset name: (records, skipped count)} for every entry of `data.datasets`."""
+    from mtr_jax.data.loaders import LoadStats, load_records
+
+    if not cfg.data.datasets:
+        raise MtrError("data.datasets is empty: give e.g. [{name: hotpotqa, path: data/hotpot_dev.json}]")
+    out = {}
+    for i, d in enumerate(cfg.data.datasets):
+        if not isinstance(d, dict) or "name" not in d:
+            raise MtrError(f"data.datasets[{i}]: expected a mapping with 'name' (and 'path', 'split')")
+        stats = LoadStats()
+        recs = load_records(d["name"], d.get("path"), split=d.get("split", "dev"), limit=limit or cfg.data.limit,
+                            on_error=on_error, stats=stats)
+        out[d.get("label", d["name"])] = (recs, stats.skipped)
+    return out
+
+
+def load_records_from_config(cfg: Config) -> list:
+    return [r for recs, _ in load_datasets(cfg).values() for r in recs]
+
+
+def make_actor(cfg: Config, out_dir: str | None = None):
+    from mtr_jax.tools.toolactor import ToolActor
+
+    cache = cfg.tools.cache or os.path.join(out_dir or cfg.run.out_dir, "tool_cache.sqlite")
+    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+    return ToolActor.from_config(cfg.tools, cache)
+
+
+def make_toolmaker(cfg: Config):
+    from mtr_jax.tools.toolmaker import ToolMaker
+
+    return ToolMaker(backend=cfg.tools.toolmaker)
