@@ -66,6 +66,8 @@ class ToolsConfig:
     top_k: int = 3
     keep_metric: str = "em"  # em | f1: AutoAgent keeps traces whose answer passes this
     keep_threshold: float = 1.0
+    corpus: str = ""  # corpus JSONL ({"title", "text"} per line) for records without their own context
+    backoff_s: float = 0.5  # first retry delay of the ToolActor's LLM/HTTP backends, doubled per retry
 
 
 @dataclass
