@@ -1,0 +1,324 @@
+"""AutoAgent: writes complete traces (think -> tool call -> observation)* -> answer for SFT.
+
+    AutoAgent(backend="oracle"|"llm", actor=ToolActor(...)).make_trace(record, tools) -> (trace | None, reason)
+
+- oracle (offline): plans from the dataset's own annotations, gets every observation from the
+  ToolActor, and writes short <think> steps.
+    HotpotQA: search the question, then look up each supporting page not yet seen.
+    MuSiQue: one search per decomposition step (#k replaced by earlier answers), lookup as fallback.
+    2Wiki: one search per evidence triple (lookup as fallback); `compare` on the two dates/numbers
+           of a comparison question when the tool set has it.
+    Otherwise: search the question.
+  Grounding rule: the oracle answers with a gold alias only if it occurs (normalised, whole tokens)
+  in one of its observations; yes/no answers are exempt.
+- llm: a teacher model `complete(prompt) -> str` writes each assistant turn; its calls are answered
+  by the ToolActor; malformed turns reject the trace.
+Kept only if the final answer passes `keep_metric` (em | f1 via mtr_jax.rewards) >= keep_threshold.
+Trace JSON is the shared format (see traces.render): {"id", "dataset", "question", "golds", "tools",
+"messages", "answer"}.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import sys
+from collections import Counter
+from typing import Callable
+
+from mtr_jax import rewards
+from mtr_jax.data.records import QARecord
+from mtr_jax.errors import MtrError
+from mtr_jax.tools.schema import for_template
+from mtr_jax.tools.toolactor import ToolActor
+from mtr_jax.traces.parse import parse_turn
+from mtr_jax.traces.render import SYSTEM_PROMPT, build_messages, observation_text
+
+_YES_NO = {"yes", "no"}
+
+
+def _clip(s: str, n: int = 160) -> str:
+    s = " ".join(s.split())
+    return s if len(s) <= n else s[: n - 3].rstrip() + "..."
+
+
+def _norm(s: str) -> str:
+    return rewards.normalize_answer(s)
+
+
+class _Episode:
+    """Messages and observations of one trace being written."""
+
+    def __init__(self, agent: "AutoAgent", record: QARecord, tools: list[dict]):
+        self.agent, self.record, self.tools = agent, record, tools
+        self.names = {t["function"]["name"] for t in tools}
+        self.messages = build_messages(record.question)
+        self.obs_texts: list[str] = []
+        self.obs_dicts: list[dict] = []
+        self.errors = 0
+
+    def call(self, think: str, name: str, arguments: dict) -> dict:
+        self.messages.append({
+            "role": "assistant",
+            "content": f"<think>{think}</think>",
+            "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}],
+        })
+        obs = self.agent.actor.observe({"name": name, "arguments": arguments}, self.tools, self.record)
+        text = observation_text(obs.content)
+        self.messages.append({"role": "tool", "name": name, "content": text})
+        self.obs_texts.append(text)
+        self.obs_dicts.append(obs.content)
+        self.errors += int(not obs.ok)
+        return obs.content
+
+    @property
+    def n_calls(self) -> int:
+        return len(self.obs_texts)
+
+    def seen(self, text: str) -> bool:
+        return bool(rewards.grounded(text, self.obs_texts, threshold=1.0))
+
+    def seen_title(self, title: str) -> bool:
+        t = _norm(title)
+        return any(_norm(r.get("title", "")) == t for o in self.obs_dicts for r in o.get("results", []) if isinstance(r, dict))
+
+    def evidence_for(self, answer: str) -> str:
+        """The retrieved passage that contains the answer (for the final <think>)."""
+        for o in self.obs_dicts:
+            for r in o.get("results", []) if isinstance(o, dict) else []:
+                if isinstance(r, dict) and rewards.grounded(answer, [r.get("text", "")], threshold=1.0):
+                    sents = re.split(r"(?<=[.!?])\s+", r.get("text", ""))
+                    hit = next((s for s in sents if rewards.grounded(answer, [s], threshold=1.0)), r.get("text", ""))
+                    return f"{r.get('title', '')}: {_clip(hit)}"
+        return ""
+
+
+class AutoAgent:
+    def __init__(
+        self,
+        backend: str = "oracle",
+        actor: ToolActor | None = None,
+        *,
+        complete: Callable[[str], str] | None = None,
+        keep_metric: str = "em",
+        keep_threshold: float = 1.0,
+        max_calls: int = 6,
+    ):
+        if backend not in ("oracle", "llm"):
+            raise MtrError(f"tools.autoagent: unknown backend {backend!r} (oracle | llm)")
+        if backend == "llm" and complete is None:
+            raise MtrError("tools.autoagent=llm needs a teacher: a complete(prompt) callable or tools.base_url")
+        if keep_metric not in ("em", "f1"):
+            raise MtrError(f"tools.keep_metric must be em or f1, got {keep_metric!r}")
+        self.backend, self.complete = backend, complete
+        self.actor = actor if actor is not None else ToolActor("corpus")
+        self.keep_metric, self.keep_threshold, self.max_calls = keep_metric, keep_threshold, max_calls
+
+    # -- public -----------------------------------------------------------------------------------
+
+    def make_trace(self, record: QARecord, tools: list[dict]) -> tuple[dict | None, str]:
+        """(trace, "") if kept, else (None, reason)."""
+        if not record.golds:
+            return None, "no_gold"
+        names = {t["function"]["name"] for t in tools}
+        if self.backend == "llm":
+            ep, answer, reason = self._teacher(record, tools)
+        elif not {"search", "lookup"} <= names:
+            return None, "no_search_tools"
+        else:
+            ep, answer, reason = self._oracle(record, tools)
+        if reason:
+            return None, reason
+        score = (rewards.exact_match if self.keep_metric == "em" else rewards.f1)(answer, record.golds)
+        if score < self.keep_threshold:
+            return None, "wrong_answer"
+        return {
+            "id": record.id,
+            "dataset": record.dataset,
+            "question": record.question,
+            "golds": list(record.golds),
+            "tools": tools,
+            "messages": ep.messages,
+            "answer": answer,
+        }, ""
+
+    # -- oracle -----------------------------------------------------------------------------------
+
+    def _oracle(self, record: QARecord, tools: list[dict]) -> tuple[_Episode, str, str]:
+        ep = _Episode(self, record, tools)
+        if record.decomposition:
+            self._plan_decomposition(ep)
+        elif record.evidences:
+            self._plan_evidences(ep)
+        elif record.supporting:
+            self._plan_supporting(ep)
+        else:
+            ep.call("I will search for the question's key facts.", "search", {"query": _clip(record.question, 300)})
+        return self._finish(ep)
+
+    def _plan_supporting(self, ep: _Episode) -> None:
+        r = ep.record
+        ep.call("I will search for the key facts in the question.", "search", {"query": _clip(r.question, 300)})
+        titles = list(dict.fromkeys(t for t, _ in r.supporting))
+        for title in titles:
+            if ep.n_calls >= self.max_calls:
+                break
+            sents = [p for p in r.context if p.title == title]
+            idx = [i for t, i in r.supporting if t == title]
+            got = sents and all(i < len(sents[0].sentences) and ep.seen(sents[0].sentences[i]) for i in idx)
+            if got:
+                continue
+            why = f"The results mention {title}." if ep.seen(title) else f"I also need facts about {title}."
+            ep.call(f"{why} I will look it up.", "lookup", {"title": title})
+
+    def _plan_decomposition(self, ep: _Episode) -> None:
+        r = ep.record
+        answers: list[str] = []
+        for k, step in enumerate(r.decomposition):
+            q = str(step.get("question", ""))
+            q = re.sub(r"#(\d+)", lambda m: answers[int(m.group(1)) - 1] if 0 < int(m.group(1)) <= len(answers) else m.group(0), q)
+            q = " ".join(q.replace(">>", " ").split())
+            ans = str(step.get("answer", ""))
+            lead = f"Now I know {answers[-1]}. " if answers else ""
+            if ep.n_calls < self.max_calls:
+                ep.call(f"{lead}Step {k + 1}: {_clip(q, 200)}", "search", {"query": _clip(q, 300)})
+            if ans and not ep.seen(ans):
+                idx = step.get("paragraph_support_idx")
+                if isinstance(idx, int) and 0 <= idx < len(r.context) and ep.n_calls < self.max_calls:
+                    title = r.context[idx].title
+                    ep.call(f"The search did not settle it. I will look up {title}.", "lookup", {"title": title})
+            answers.append(ans)
+
+    def _plan_evidences(self, ep: _Episode) -> None:
+        r = ep.record
+        for s, rel, o in (e for e in r.evidences if len(e) == 3):
+            if ep.n_calls >= self.max_calls:
+                break
+            if ep.seen(o):
+                continue
+            ep.call(f"I need the {rel} of {s}.", "search", {"query": _clip(f"{s} {rel}", 300)})
+            if not ep.seen(o) and ep.n_calls < self.max_calls:
+                ep.call(f"Not found yet. I will look up {s}.", "lookup", {"title": s})
+        triples = [e for e in r.evidences if len(e) == 3]
+        if "compare" in ep.names and len(triples) >= 2 and ep.n_calls < self.max_calls:
+            (s1, rel1, o1), (s2, rel2, o2) = triples[-2], triples[-1]
+            if rel1 == rel2 and s1 != s2 and ep.seen(o1) and ep.seen(o2):
+                ep.call(f"{s1}: {rel1} {o1}. {s2}: {rel2} {o2}. I will compare them.", "compare",
+                        {"a": _clip(o1, 100), "b": _clip(o2, 100), "relation": "later"})
+
+    def _finish(self, ep: _Episode) -> tuple[_Episode, str, str]:
+        golds = ep.record.golds
+        if _norm(golds[0]) in _YES_NO:
+            answer = golds[0].strip()
+            if ep.n_calls == 0 or ep.errors == ep.n_calls:
+                return ep, "", "ungrounded"
+            final = f"From what I found, the answer is {answer.lower()}."
+        else:
+            answer = next((g for g in golds if g.strip() and ep.seen(g)), "")
+            if not answer:
+                return ep, "", "ungrounded"
+            evidence = ep.evidence_for(answer)
+            compared = next((o for o in reversed(ep.obs_dicts) if isinstance(o.get("result"), bool)), None)
+            final = f"{evidence} " if evidence else ""
+            if compared is not None:
+                verb = "is" if compared["result"] else "is not"
+                final += f"{compared['a']} {verb} later than {compared['b']}. "
+            final += f"So the answer is {answer}."
+        ep.messages.append({"role": "assistant", "content": f"<think>{final.strip()}</think>\n<answer>{answer}</answer>"})
+        return ep, answer, ""
+
+    # -- LLM teacher ------------------------------------------------------------------------------
+
+    def _teacher(self, record: QARecord, tools: list[dict]) -> tuple[_Episode, str, str]:
+        ep = _Episode(self, record, tools)
+        for _ in range(self.max_calls + 1):
+            try:
+                reply = self.complete(_teacher_prompt(ep.messages, tools))
+            except Exception as e:  # a failing teacher rejects this record only
+                return ep, "", f"teacher_failed:{type(e).__name__}"
+            turn = parse_turn(reply)
+            if turn.kind == "error":
+                return ep, "", f"teacher_format:{turn.error}"
+            content = turn.text[: turn.text.index("<tool_call>")].rstrip("\n") if turn.kind == "tool_call" else turn.text.strip()
+            if turn.kind == "answer":
+                ep.messages.append({"role": "assistant", "content": content})
+                return ep, turn.answer, ""
+            ep.messages.append({"role": "assistant", "content": content,
+                                "tool_calls": [{"type": "function", "function": c} for c in turn.calls]})
+            for c in turn.calls:
+                obs = self.actor.observe(c, tools, record)
+                text = observation_text(obs.content)
+                ep.messages.append({"role": "tool", "name": c["name"], "content": text})
+                ep.obs_texts.append(text)
+                ep.obs_dicts.append(obs.content)
+        return ep, "", "max_turns"
+
+
+def _teacher_prompt(messages: list[dict], tools: list[dict]) -> str:
+    """The conversation in Qwen2.5's tool format as plain text; the teacher writes the next turn."""
+    lines = [SYSTEM_PROMPT, "Tools:"] + [json.dumps(t, ensure_ascii=False) for t in for_template(tools)]
+    lines.append('Call a tool as <tool_call>\n{"name": <name>, "arguments": {...}}\n</tool_call>.')
+    for m in messages[1:]:
+        if m["role"] == "tool":
+            lines.append(f"<tool_response>\n{m['content']}\n</tool_response>")
+            continue
+        text = m.get("content", "")
+        for c in m.get("tool_calls", []):
+            text += "\n<tool_call>\n" + json.dumps(c["function"], ensure_ascii=False) + "\n</tool_call>"
+        lines.append(f"[{m['role']}]\n{text}")
+    lines.append("[assistant]")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI.
+
+
+def _read_tools_file(path: str) -> dict[str, list[dict]]:
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise MtrError(f"data.tools: file not found: {p} (run `mtr make-tools` first, or leave it empty)")
+    out = {}
+    with open(p, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                out[f"{d['dataset']}/{d['id']}"] = d["tools"]
+            except (ValueError, KeyError, TypeError):
+                raise MtrError(f"{p} line {i}: expected {{\"id\", \"dataset\", \"tools\"}} (make-tools output)") from None
+    return out
+
+
+def cli(args) -> int:
+    from mtr_jax.tools.toolactor import HttpChat
+    from mtr_jax.tools.toolmaker import ToolMaker, load_dataset_records
+
+    cfg = args.cfg
+    records = load_dataset_records(cfg, args.limit)
+    out_dir = pathlib.Path(cfg.run.out_dir)
+    out = pathlib.Path(args.out or cfg.data.traces or out_dir / "traces.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tool_sets = _read_tools_file(cfg.data.tools) if cfg.data.tools else {}
+    maker = ToolMaker("template")
+    actor = ToolActor.from_config(cfg.tools, cache_path=cfg.tools.cache or out_dir / "tool_cache.sqlite", seed=cfg.run.seed)
+    complete = HttpChat.from_config(cfg.tools).complete if cfg.tools.autoagent == "llm" else None
+    agent = AutoAgent(cfg.tools.autoagent, actor, complete=complete, keep_metric=cfg.tools.keep_metric,
+                      keep_threshold=cfg.tools.keep_threshold)
+    reasons: Counter = Counter()
+    kept = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for r in records:
+            tools = tool_sets.get(f"{r.dataset}/{r.id}") or maker.make(r)
+            trace, reason = agent.make_trace(r, tools)
+            if trace is None:
+                reasons[reason] += 1
+                continue
+            kept += 1
+            f.write(json.dumps(trace, ensure_ascii=False) + "\n")
+    summary = {"records": len(records), "kept": kept, "rejected": sum(reasons.values()), "reasons": dict(reasons),
+               "kept_share": round(kept / max(1, len(records)), 4), "actor": dict(actor.counters), "out": str(out)}
+    print(json.dumps(summary), file=sys.stdout)
+    return 0

@@ -1,0 +1,59 @@
+"""SQLite observation cache: key = (backend, tool, canonical arguments, context id).
+
+WAL journal and one committed transaction per write, so a killed process leaves a consistent
+database (SQLite's atomic commit); re-runs read the same observations back, deterministic and cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import sqlite3
+import threading
+
+from mtr_jax.errors import MtrError
+from mtr_jax.tools.schema import canonical_json
+
+
+def cache_key(backend: str, tool: str, arguments: dict, context_id: str) -> str:
+    return hashlib.sha256(canonical_json([backend, tool, arguments, context_id]).encode("utf-8")).hexdigest()
+
+
+class ObservationCache:
+    def __init__(self, path: str | pathlib.Path):
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30.0, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: never corrupt, at worst the last write is lost
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS observations (key TEXT PRIMARY KEY, backend TEXT, tool TEXT, "
+                "arguments TEXT, context_id TEXT, content TEXT NOT NULL, ok INTEGER NOT NULL, error TEXT)"
+            )
+        except sqlite3.DatabaseError as e:
+            raise MtrError(f"tool cache {self.path}: not a usable SQLite database ({e})") from None
+
+    def get(self, key: str) -> tuple[dict, bool, str | None] | None:
+        with self._lock:
+            row = self._db.execute("SELECT content, ok, error FROM observations WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        return json.loads(row[0]), bool(row[1]), row[2]
+
+    def put(self, key: str, backend: str, tool: str, arguments: dict, context_id: str, content: dict, ok: bool, error: str | None) -> None:
+        with self._lock:  # autocommit mode: each statement is its own committed transaction
+            self._db.execute(
+                "INSERT OR REPLACE INTO observations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, backend, tool, canonical_json(arguments), context_id, canonical_json(content), int(ok), error),
+            )
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM observations").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
