@@ -201,3 +201,10 @@ def test_directory_ambiguous_or_empty(tmp_path):
 def test_bad_on_error():
     with pytest.raises(MtrError, match="on_error"):
         load_records("hotpotqa", str(HP_HF), on_error="ignore")
+
+
+def test_csv_with_bom_and_id_column(tmp_path):
+    c = tmp_path / "b.csv"
+    c.write_bytes("\ufeffid,Question,Answer\nq7,Who?,Me\n".encode("utf-8"))
+    (r,) = load_records("bamboogle", str(c))
+    assert (r.id, r.question, r.golds) == ("q7", "Who?", ["Me"])

@@ -176,3 +176,8 @@ def test_bad_inputs():
     it = question_batches(list(range(5)), 2, shard_index=0, shard_count=1)
     with pytest.raises(MtrError, match="state does not match"):
         it.set_state({"bogus": 1})
+
+
+def test_nothing_left_after_drop():
+    with pytest.raises(MtrError, match="no SFT example left"):
+        sft_batches([([1] * 9, [1] * 9)], 8, 2, shard_index=0, shard_count=1, long="drop")

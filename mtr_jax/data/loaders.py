@@ -223,7 +223,7 @@ def _read_json(p: pathlib.Path) -> Iterator[tuple[str, object]]:
 
 
 def _read_csv(p: pathlib.Path, split: str) -> Iterator[tuple[str, object]]:
-    with p.open(encoding="utf-8", newline="") as f:
+    with p.open(encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheet exports start with a BOM
         reader = csv.DictReader(f)
         cols = {c.strip().lower(): c for c in reader.fieldnames or [] if c}
         if "question" not in cols or not ({"answer", "golden_answers"} & cols.keys()):

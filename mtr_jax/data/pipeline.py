@@ -127,6 +127,9 @@ def sft_batches(
             stats.truncated += 1
             ids, mask = ids[:seq_len], mask[:seq_len]
         kept.append({"tokens": ids, "loss_mask": mask})
+    if not kept:
+        raise MtrError(f"no SFT example left in data shard {i} of {n} ({stats.examples} read, {stats.dropped} "
+                       f"empty or longer than seq_len={seq_len} with long='drop')")
     ds = _shuffled(kept, seed, 0, 1, epochs, shuffle).to_iter_dataset()
     ds = grain.experimental.FirstFitPackIterDataset(
         ds,
