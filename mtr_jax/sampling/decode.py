@@ -1,0 +1,169 @@
+"""The device side of the sampler: pure functions traced under `jit` by `sampler.Sampler`.
+
+`forward_chunk` runs the Qwen2 layers (`mtr_jax.model.qwen2._layer`) over a chunk of C tokens per
+row and writes their keys/values into the stacked cache [L, B, S, Hkv, D] *in place*: one scatter
+per layer into the whole cache (no per-layer slices re-stacked, so XLA keeps the loop-carried
+buffer in place), and padding positions of the chunk (j >= lengths[b]) are scattered to slot S,
+i.e. dropped. Dropping matters: a clamped `dynamic_update_slice` near the end of the cache would
+shift the write left and overwrite real history.
+
+`decode_loop` is the whole generation as one `lax.while_loop`: feed each row's pending token,
+sample the next, check eos / stop sequences / length / cache room, and exit as soon as every row
+is done.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mtr_jax.model.qwen2 import Qwen2Config, _head, _layer
+
+# stop-reason codes (the host side maps them to strings)
+RUNNING, EOS, STOP, LENGTH, CACHE_FULL, INACTIVE = 0, 1, 2, 3, 4, 5
+REASONS = ("running", "eos", "stop", "length", "cache_full", "inactive")
+
+
+def forward_chunk(params, cfg: Qwen2Config, k_cache, v_cache, end, tokens, lengths, want_logits: bool):
+    """Feed tokens [B, C] (row b: its first lengths[b]) at positions end[b]..; returns
+    (logits [B, C, V] float32 or None, k_cache, v_cache, end + lengths)."""
+    B, C = tokens.shape
+    S = k_cache.shape[2]
+    j = jnp.arange(C, dtype=jnp.int32)
+    positions = end[:, None] + j[None, :]
+    slots = jnp.where(j[None, :] < lengths[:, None], positions, S)  # S = out of bounds -> dropped
+    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, C))
+    # a query at position p sees slots <= p: history below end, then the chunk causally
+    mask = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
+    h = jnp.take(params["embed"], tokens, axis=0).astype(jnp.float32)
+
+    def layer(h, lw, i, kc, vc):
+        def kv_write(k, v):
+            kc2 = kc.at[i, rows, slots].set(k.astype(kc.dtype), mode="drop")
+            vc2 = vc.at[i, rows, slots].set(v.astype(vc.dtype), mode="drop")
+            return kc2[i], vc2[i], (kc2, vc2)
+
+        h, (kc, vc) = _layer(cfg, h, lw, positions, mask, kv_write)
+        return h, kc, vc
+
+    if cfg.scan_layers:
+        def body(carry, xs):
+            h, kc, vc = carry
+            lw, i = xs
+            return layer(h, lw, i, kc, vc), None
+
+        L = cfg.num_hidden_layers
+        (h, k_cache, v_cache), _ = jax.lax.scan(body, (h, k_cache, v_cache), (params["layers"], jnp.arange(L)))
+    else:
+        for i in range(cfg.num_hidden_layers):
+            lw = jax.tree_util.tree_map(lambda a: a[i], params["layers"])
+            h, k_cache, v_cache = layer(h, lw, i, k_cache, v_cache)
+    logits = _head(cfg, params, h) if want_logits else None
+    return logits, k_cache, v_cache, end + lengths.astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling from one step's logits.
+
+
+def filter_top_k_top_p(scaled, top_k, top_p):
+    """Mask (to -inf) what top-k then top-p remove, per row (k, p traced: no recompile per value).
+    top_k <= 0 keeps all; top-p keeps the smallest prefix of the top-k-renormalised distribution
+    whose mass reaches top_p (the most likely token always stays), as in HF's warpers."""
+    V = scaled.shape[-1]
+    srt = -jnp.sort(-scaled, axis=-1)  # descending
+    idx = jnp.arange(V, dtype=jnp.int32)[None, :]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)[:, None]
+    srt_k = jnp.where(idx < k, srt, -jnp.inf)
+    p = jax.nn.softmax(srt_k, axis=-1)
+    before = jnp.cumsum(p, axis=-1) - p
+    n_keep = jnp.sum((before < top_p[:, None]) & (idx < k), axis=-1)
+    n_keep = jnp.maximum(n_keep, 1)
+    thresh = jnp.take_along_axis(srt, (n_keep - 1)[:, None], axis=-1)
+    return jnp.where(scaled >= thresh, scaled, -jnp.inf)
+
+
+def sample_token(logits, key, temperature, top_k, top_p, greedy, *, all_greedy: bool, use_filter: bool):
+    """logits [B, V] float32 -> (token, logprob under the sampled distribution, plain logprob).
+    Greedy rows take the argmax; their sampled distribution is a point mass (logprob 0)."""
+    plain = jax.nn.log_softmax(logits, axis=-1)
+    g_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if all_greedy:
+        tok, lp = g_tok, jnp.zeros(logits.shape[0], jnp.float32)
+    else:
+        t = jnp.where(greedy, 1.0, temperature)
+        scaled = logits / t[:, None]
+        if use_filter:
+            scaled = filter_top_k_top_p(scaled, top_k, top_p)
+        s_tok = jnp.argmax(scaled + jax.random.gumbel(key, scaled.shape, jnp.float32), axis=-1).astype(jnp.int32)
+        s_lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), s_tok[:, None], axis=-1)[:, 0]
+        tok = jnp.where(greedy, g_tok, s_tok)
+        lp = jnp.where(greedy, 0.0, s_lp)
+    plp = jnp.take_along_axis(plain, tok[:, None], axis=-1)[:, 0]
+    return tok, lp, plp
+
+
+# --------------------------------------------------------------------------------------------
+# The decode loop.
+
+
+def decode_loop(params, cfg: Qwen2Config, cache, pending, active, max_new, key, temperature, top_k, top_p, greedy,
+                *, out_len: int, eos_ids: tuple, stop_seqs: tuple, all_greedy: bool, use_filter: bool,
+                constrain=lambda x: x):
+    """Generate up to max_new (traced, <= out_len) tokens per active row.
+
+    Invariant kept by the caller: a row's sequence (cache + 1 pending token) fits in S slots, so a
+    row may take a step only while end + 1 < S (its new pending token will still fit).
+    Returns (cache, pending, tokens [B, out_len], lengths, reasons, logprobs, plain_logprobs).
+    """
+    B = pending.shape[0]
+    S = cache["k"].shape[2]
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    Lw = max((len(s) for s in stop_seqs), default=0)
+    if Lw:
+        stops = jnp.asarray([[-1] * (Lw - len(s)) + list(s) for s in stop_seqs], jnp.int32)  # right-aligned
+        stop_real = jnp.asarray([[False] * (Lw - len(s)) + [True] * len(s) for s in stop_seqs])
+
+    reason0 = jnp.where(~active, INACTIVE, jnp.where(cache["end"] + 1 >= S, CACHE_FULL, RUNNING)).astype(jnp.int32)
+    carry = dict(
+        step=jnp.int32(0), k=cache["k"], v=cache["v"], end=cache["end"], pending=pending, reason=reason0,
+        n=jnp.zeros((B,), jnp.int32),
+        toks=jnp.zeros((B, out_len), jnp.int32), lp=jnp.zeros((B, out_len), jnp.float32),
+        plp=jnp.zeros((B, out_len), jnp.float32), window=jnp.full((B, max(Lw, 1)), -1, jnp.int32),
+    )
+
+    def cond(c):
+        return (c["step"] < max_new) & jnp.any(c["reason"] == RUNNING)
+
+    def body(c):
+        run = c["reason"] == RUNNING
+        logits, k, v, end = forward_chunk(params, cfg, c["k"], c["v"], c["end"], c["pending"][:, None],
+                                          run.astype(jnp.int32), want_logits=True)
+        k, v = constrain(k), constrain(v)
+        tok, lp, plp = sample_token(logits[:, 0], jax.random.fold_in(key, c["step"]), temperature, top_k, top_p,
+                                    greedy, all_greedy=all_greedy, use_filter=use_filter)
+        step = c["step"]
+        col = lambda buf, x: jax.lax.dynamic_update_slice(buf, jnp.where(run, x, buf[:, step])[:, None], (0, step))
+        n = c["n"] + run.astype(jnp.int32)
+        window = jnp.concatenate([c["window"][:, 1:], tok[:, None]], axis=1)
+        is_eos = jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        if Lw:
+            hit = jnp.where(stop_real[None], window[:, None, :] == stops[None], True)
+            is_stop = jnp.any(jnp.all(hit, axis=-1), axis=-1)
+        else:
+            is_stop = jnp.zeros_like(is_eos)
+        new_reason = jnp.select(
+            [is_eos, is_stop, n >= max_new, end + 1 >= S], [EOS, STOP, LENGTH, CACHE_FULL], RUNNING
+        ).astype(jnp.int32)
+        return dict(
+            step=step + 1, k=k, v=v, end=end, pending=jnp.where(run, tok, c["pending"]),
+            reason=jnp.where(run, new_reason, c["reason"]), n=n,
+            toks=col(c["toks"], tok), lp=col(c["lp"], lp), plp=col(c["plp"], plp),
+            window=jnp.where(run[:, None], window, c["window"]),
+        )
+
+    c = jax.lax.while_loop(cond, body, carry)
+    # rows still running when the loop ended hit max_new (can only happen with max_new == 0)
+    reason = jnp.where(c["reason"] == RUNNING, LENGTH, c["reason"])
+    new_cache = {"k": c["k"], "v": c["v"], "end": c["end"]}
+    return new_cache, c["pending"], c["toks"], c["n"], reason, c["lp"], c["plp"]

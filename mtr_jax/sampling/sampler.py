@@ -1,0 +1,329 @@
+"""Jitted sampler: grouped prefill, decode loop inside `jit`, stop sequences, multi-turn continuation.
+
+Row model. Every row is a token sequence whose tokens are all in the KV cache except the LAST one,
+the row's *pending* token. `start` prefills prompt[:-1] and keeps prompt[-1] pending; each decode
+step feeds the pending token and samples the next one (which becomes pending); `append` feeds the
+pending token plus all but the last appended token. So the token that ends a turn (eos, the last
+token of a stop sequence) is part of the output and is written into the cache before the
+appended continuation, and a row's length is always `cache end + 1` (`SamplerState.row_lengths`).
+A row may grow to at most `cache_len` tokens.
+
+Static shapes. Prompt/append chunk lengths, batch sizes and the output buffer (max_new_tokens) are
+padded to buckets (powers of two by default), so a long run compiles a handful of programs:
+`start` per (prompt batch, chunk, row batch) bucket, `generate` per (batch, max_new bucket,
+greedy-only?, top-k/top-p used?), `append` per (batch, chunk) bucket. Values that change per call
+(temperatures, top-k, top-p, max_new_tokens, the key, which rows are active) are traced. The
+cache is donated: a state passed to `generate`/`append` is consumed; use the returned one.
+
+Sharding. With `mesh=`, rows are sharded over the mesh's batch axes (`data`, `fsdp` where present;
+batch buckets are multiples of their size) and the cache is constrained to that layout; params keep
+whatever shardings the caller gave them (GSPMD propagates the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mtr_jax.errors import MtrError
+from mtr_jax.model.qwen2 import Qwen2Config
+from mtr_jax.sampling import decode
+from mtr_jax.sampling.decode import REASONS, forward_chunk
+
+BATCH_AXES = ("data", "fsdp")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding controls. greedy=True (or temperature == 0) takes the argmax; top_k=0 and
+    top_p=1.0 disable those filters (applied in that order to the tempered logits)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+
+    def validate(self, where: str = "sampling") -> None:
+        if not (self.temperature >= 0.0):
+            raise MtrError(f"{where}.temperature={self.temperature}: must be >= 0")
+        if self.top_k < 0:
+            raise MtrError(f"{where}.top_k={self.top_k}: must be >= 0 (0 = off)")
+        if not (0.0 < self.top_p <= 1.0):
+            raise MtrError(f"{where}.top_p={self.top_p}: must be in (0, 1]")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0
+
+
+@dataclass
+class SampleOutput:
+    """One `generate` call, rows in state order. tokens [N, max_new] int32 (pad_id after length; the
+    eos / stop token that ended a row is included), lengths [N], stop_reason [N] str in {"eos",
+    "stop", "length", "cache_full", "inactive"}, logprobs [N, max_new] float32 under the
+    distribution actually sampled from (temperature/top-k/top-p applied; 0 for greedy rows: a point
+    mass), plain_logprobs [N, max_new]: log_softmax of the raw logits at temperature 1 (GRPO's
+    old-policy log-probs). Entries after a row's length are 0."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    stop_reason: np.ndarray
+    logprobs: np.ndarray
+    plain_logprobs: np.ndarray
+
+
+@dataclass
+class SamplerState:
+    """KV cache + per-row pending token (see module doc). row_lengths [N]: each row's full sequence
+    length (prompt + everything generated/appended). Rows are prompt-major: row = p * G + g."""
+
+    cache: dict
+    pending: jax.Array  # [Nb] int32
+    row_lengths: np.ndarray  # [N] int64, host copy (no device sync needed to read it)
+    n_prompts: int
+    group_size: int
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.row_lengths)
+
+    @property
+    def batch_bucket(self) -> int:
+        return int(self.pending.shape[0])
+
+
+def _pow2_buckets(lo: int, hi: int) -> tuple:
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(hi)
+    return tuple(out)
+
+
+class Sampler:
+    """Jitted sampler over a Qwen2 `config`. Per instance: cache_len (max tokens a row may hold),
+    eos_ids and stop_sequences (token-id sequences checked per row on the tokens generated in the
+    current `generate` call), pad_id for outputs, cache_dtype (default: compute dtype; bf16
+    halves memory), mesh (optional), and bucket lists (ascending ints)."""
+
+    def __init__(self, config: Qwen2Config, *, cache_len: int, eos_ids: Sequence[int],
+                 stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0, cache_dtype=None, mesh=None,
+                 prompt_buckets: Sequence[int] | None = None, batch_buckets: Sequence[int] | None = None,
+                 new_token_buckets: Sequence[int] | None = None):
+        self.cfg = config
+        V = config.vocab_size
+        if cache_len <= 1:
+            raise MtrError(f"Sampler cache_len={cache_len}: must be >= 2")
+        self.cache_len = int(cache_len)
+        eos_ids = tuple(int(t) for t in (eos_ids or ()))
+        for t in eos_ids:
+            if not 0 <= t < V:
+                raise MtrError(f"Sampler eos_ids: token id {t} is outside the vocabulary [0, {V})")
+        stops = []
+        for i, s in enumerate(stop_sequences or ()):
+            s = tuple(int(t) for t in s)
+            if not s:
+                raise MtrError(f"Sampler stop_sequences[{i}] is empty")
+            bad = [t for t in s if not 0 <= t < V]
+            if bad:
+                raise MtrError(f"Sampler stop_sequences[{i}]: token ids {bad} are outside the vocabulary [0, {V})")
+            stops.append(s)
+        if not 0 <= pad_id < V:
+            raise MtrError(f"Sampler pad_id={pad_id} is outside the vocabulary [0, {V})")
+        self.eos_ids, self.stop_sequences, self.pad_id = eos_ids, tuple(stops), int(pad_id)
+        self.cache_dtype = cache_dtype or config.compute_dtype
+        self.mesh = mesh
+        self.batch_axes = tuple(a for a in BATCH_AXES if mesh is not None and a in mesh.axis_names)
+        self.batch_multiple = int(np.prod([mesh.shape[a] for a in self.batch_axes])) if self.batch_axes else 1
+        self.prompt_buckets = tuple(sorted(prompt_buckets or _pow2_buckets(16, self.cache_len)))
+        self.batch_buckets = tuple(sorted(batch_buckets or _pow2_buckets(1, 1 << 16)))
+        self.new_token_buckets = tuple(sorted(new_token_buckets or _pow2_buckets(16, 1 << 20)))
+        self._prefill = jax.jit(self._prefill_impl)
+        self._append = jax.jit(self._append_impl, donate_argnums=(1,))
+        self._generate = jax.jit(self._generate_impl, donate_argnums=(1,),
+                                 static_argnames=("out_len", "all_greedy", "use_filter"))
+
+    # ---------------------------------------------------------------- shapes and placement
+
+    @staticmethod
+    def _bucket(n: int, buckets: Sequence[int], cap: int | None = None) -> int:
+        for b in buckets:
+            if b >= n:
+                return min(b, cap) if cap else b
+        return min(n, cap) if cap else n  # beyond the last bucket: exact (one more program)
+
+    def _batch_bucket(self, n: int) -> int:
+        b = self._bucket(n, self.batch_buckets)
+        m = self.batch_multiple
+        return -(-b // m) * m
+
+    def _rows(self, x):
+        """Place a host array with its leading (row) axis sharded over the batch axes."""
+        x = np.asarray(x)
+        if self.mesh is None:
+            return jnp.asarray(x)
+        spec = P(self.batch_axes or None, *([None] * (x.ndim - 1)))
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def _constrain_cache(self, x):
+        if self.mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(None, self.batch_axes or None)))
+
+    def _check_tokens(self, seq, what: str) -> None:
+        if len(seq) and (min(seq) < 0 or max(seq) >= self.cfg.vocab_size):
+            raise MtrError(f"{what}: token ids outside the vocabulary [0, {self.cfg.vocab_size})")
+
+    # ---------------------------------------------------------------- jitted bodies
+
+    def _prefill_impl(self, params, tokens, lengths, last, src):
+        """Prefill [Pb, C] into a fresh cache, then give row r the cache of prompt src[r]."""
+        cfg = self.cfg
+        Pb = tokens.shape[0]
+        shape = (cfg.num_hidden_layers, Pb, self.cache_len, cfg.num_key_value_heads, cfg.head_dim)
+        k = self._constrain_cache(jnp.zeros(shape, self.cache_dtype))
+        v = self._constrain_cache(jnp.zeros(shape, self.cache_dtype))
+        end = jnp.zeros((Pb,), jnp.int32)
+        _, k, v, end = forward_chunk(params, cfg, k, v, end, tokens, lengths, want_logits=False)
+        k, v = self._constrain_cache(jnp.take(k, src, axis=1)), self._constrain_cache(jnp.take(v, src, axis=1))
+        return {"k": k, "v": v, "end": jnp.take(end, src)}, jnp.take(last, src)
+
+    def _append_impl(self, params, cache, pending, chunk, lengths):
+        """Feed [pending, chunk[:len-1]] per row; the last appended token becomes pending."""
+        full = jnp.concatenate([pending[:, None], chunk], axis=1)
+        _, k, v, end = forward_chunk(params, self.cfg, cache["k"], cache["v"], cache["end"], full[:, :-1], lengths,
+                                     want_logits=False)
+        new_pending = jnp.take_along_axis(full, lengths[:, None], axis=1)[:, 0]
+        return {"k": self._constrain_cache(k), "v": self._constrain_cache(v), "end": end}, new_pending
+
+    def _generate_impl(self, params, cache, pending, active, max_new, key, temperature, top_k, top_p, greedy, *,
+                       out_len, all_greedy, use_filter):
+        return decode.decode_loop(
+            params, self.cfg, cache, pending, active, max_new, key, temperature, top_k, top_p, greedy,
+            out_len=out_len, eos_ids=self.eos_ids, stop_seqs=self.stop_sequences, all_greedy=all_greedy,
+            use_filter=use_filter, constrain=self._constrain_cache,
+        )
+
+    # ---------------------------------------------------------------- public API
+
+    def start(self, params, prompts: list[list[int]], group_size: int = 1) -> SamplerState:
+        """Prefill each prompt ONCE and share its cache across `group_size` rows (row = p*G + g).
+        The prompt's last token stays pending (fed by the first decode step)."""
+        if not prompts:
+            raise MtrError("Sampler.start: no prompts")
+        if group_size < 1:
+            raise MtrError(f"Sampler.start: group_size={group_size} must be >= 1")
+        lens = []
+        for i, p in enumerate(prompts):
+            p = list(p)
+            if not p:
+                raise MtrError(f"Sampler.start: prompt {i} is empty")
+            if len(p) > self.cache_len:
+                raise MtrError(f"Sampler.start: prompt {i} has {len(p)} tokens, longer than cache_len={self.cache_len}")
+            self._check_tokens(p, f"Sampler.start: prompt {i}")
+            lens.append(len(p))
+        P_, G = len(prompts), int(group_size)
+        Pb = self._batch_bucket(P_)
+        Nb = self._batch_bucket(P_ * G)
+        C = self._bucket(max(max(lens) - 1, 1), self.prompt_buckets, cap=self.cache_len)
+        tokens = np.full((Pb, C), self.pad_id, np.int32)
+        lengths = np.zeros((Pb,), np.int32)
+        last = np.full((Pb,), self.pad_id, np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : lens[i] - 1] = p[:-1]
+            lengths[i] = lens[i] - 1
+            last[i] = p[-1]
+        src = np.zeros((Nb,), np.int32)
+        src[: P_ * G] = np.repeat(np.arange(P_, dtype=np.int32), G)
+        cache, pending = self._prefill(params, self._rows(tokens), self._rows(lengths), self._rows(last),
+                                       self._rows(src))
+        return SamplerState(cache, pending, np.repeat(np.asarray(lens, np.int64), G), P_, G)
+
+    def generate(self, params, state: SamplerState, *, max_new_tokens: int, sampling: SamplingParams | Sequence[SamplingParams],
+                 key, active: np.ndarray | None = None) -> tuple[SamplerState, SampleOutput]:
+        """Decode inside one jitted `lax.while_loop`. Each active row stops on an eos id, a stop
+        sequence, max_new_tokens, or when its sequence reaches cache_len ("cache_full"); the loop
+        exits as soon as every row is done. Rows with active=False generate nothing ("inactive").
+        `sampling`: one SamplingParams for all rows or one per row. `key`: a jax PRNG key (or int
+        seed); the same key and inputs give the same samples. Consumes `state` (donated cache)."""
+        N, Nb = state.n_rows, state.batch_bucket
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+            raise MtrError(f"Sampler.generate: max_new_tokens={max_new_tokens!r} must be a positive int")
+        if isinstance(sampling, SamplingParams):
+            per_row = [sampling] * N
+        else:
+            per_row = list(sampling)
+            if len(per_row) != N:
+                raise MtrError(f"Sampler.generate: {len(per_row)} SamplingParams for {N} rows")
+        for i, s in enumerate(per_row):
+            s.validate(f"sampling[{i}]")
+        act = np.zeros((Nb,), bool)
+        if active is None:
+            act[:N] = True
+        else:
+            a = np.asarray(active, bool).reshape(-1)
+            if a.shape[0] != N:
+                raise MtrError(f"Sampler.generate: active has {a.shape[0]} entries for {N} rows")
+            act[:N] = a
+        greedy = np.ones((Nb,), bool)
+        temp = np.ones((Nb,), np.float32)
+        top_k = np.zeros((Nb,), np.int32)
+        top_p = np.ones((Nb,), np.float32)
+        for i, s in enumerate(per_row):
+            greedy[i], temp[i], top_k[i], top_p[i] = s.is_greedy, s.temperature or 1.0, s.top_k, s.top_p
+        all_greedy = bool(greedy[:N][act[:N]].all()) if act[:N].any() else True
+        use_filter = bool(any(s.top_k > 0 or s.top_p < 1.0 for s, a in zip(per_row, act) if a and not s.is_greedy))
+        if isinstance(key, (int, np.integer)):
+            key = jax.random.key(int(key))
+        out_len = self._bucket(int(max_new_tokens), self.new_token_buckets)
+        cache, pending, toks, n, reason, lp, plp = self._generate(
+            params, state.cache, state.pending, self._rows(act), jnp.int32(max_new_tokens), key, self._rows(temp),
+            self._rows(top_k), self._rows(top_p), self._rows(greedy),
+            out_len=out_len, all_greedy=all_greedy, use_filter=use_filter,
+        )
+        toks, n, reason, lp, plp = jax.device_get((toks, n, reason, lp, plp))
+        M = int(max_new_tokens)
+        n = np.asarray(n[:N], np.int32)
+        keep = np.arange(M)[None, :] < n[:, None]
+        out = SampleOutput(
+            tokens=np.where(keep, toks[:N, :M], self.pad_id).astype(np.int32),
+            lengths=n,
+            stop_reason=np.asarray([REASONS[r] for r in reason[:N]]),
+            logprobs=np.where(keep, lp[:N, :M], 0.0).astype(np.float32),
+            plain_logprobs=np.where(keep, plp[:N, :M], 0.0).astype(np.float32),
+        )
+        new_state = SamplerState(cache, pending, state.row_lengths + n, state.n_prompts, state.group_size)
+        return new_state, out
+
+    def append(self, params, state: SamplerState, tokens: list[list[int]]) -> SamplerState:
+        """Append per-row tokens (e.g. a tool response; [] = nothing) after what each row holds,
+        extending its KV cache (the history is not prefilled again). Consumes `state`."""
+        N, Nb = state.n_rows, state.batch_bucket
+        if len(tokens) != N:
+            raise MtrError(f"Sampler.append: {len(tokens)} token lists for {N} rows")
+        lens = np.asarray([len(t) for t in tokens], np.int32)
+        for i, t in enumerate(tokens):
+            self._check_tokens(list(t), f"Sampler.append: row {i}")
+            if state.row_lengths[i] + lens[i] > self.cache_len:
+                raise MtrError(f"Sampler.append: row {i} would hold {state.row_lengths[i] + lens[i]} tokens, "
+                               f"more than cache_len={self.cache_len}")
+        if not lens.any():
+            return state
+        C = self._bucket(int(lens.max()), self.prompt_buckets, cap=self.cache_len)
+        chunk = np.full((Nb, C), self.pad_id, np.int32)
+        lengths = np.zeros((Nb,), np.int32)
+        for i, t in enumerate(tokens):
+            chunk[i, : lens[i]] = t
+            lengths[i] = lens[i]
+        cache, pending = self._append(params, state.cache, state.pending, self._rows(chunk), self._rows(lengths))
+        return SamplerState(cache, pending, state.row_lengths + lens, state.n_prompts, state.group_size)
+
+    def compiled_programs(self) -> int:
+        """How many programs the jitted entry points hold (for recompile checks)."""
+        return sum(f._cache_size() for f in (self._prefill, self._append, self._generate))

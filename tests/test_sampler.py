@@ -1,0 +1,313 @@
+"""Sampler tests on a tiny random Qwen2. Oracles: transformers' PyTorch Qwen2ForCausalLM (greedy
+generate, scores), teacher-forced `qwen2.forward` (log-probs), NumPy (filtered distributions)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtr_jax.errors import MtrError
+from mtr_jax.model import qwen2
+from mtr_jax.sampling import Sampler, SamplingParams
+from util import run_with_devices, tiny_config
+
+GREEDY = SamplingParams(greedy=True)
+CFG = tiny_config()
+# std 0.15: sharp enough that greedy choices are not near-ties (parity stays robust), yet not degenerate
+PARAMS = qwen2.init_params(CFG, jax.random.key(0), std=0.15)
+PROMPTS = [[5, 17, 33, 2, 90, 11, 200], [3, 4], [250, 1, 7, 7, 7, 19, 42, 120, 66, 8, 9, 10, 13], [77]]
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return Sampler(CFG, cache_len=256, eos_ids=[])
+
+
+_forward = jax.jit(lambda p, t: jax.nn.log_softmax(qwen2.forward(p, CFG, t), axis=-1))
+
+
+def teacher_logprobs(seq):
+    """log_softmax of the full-sequence forward: row t predicts seq[t+1]. Right-padded to 64 (one
+    compile; causal, so the padding does not change earlier rows)."""
+    T = max(64, len(seq))
+    padded = np.zeros((1, T), np.int32)
+    padded[0, : len(seq)] = seq
+    return np.asarray(_forward(PARAMS, jnp.asarray(padded)))[0, : len(seq)]
+
+
+def to_torch(params, cfg):
+    import torch
+    import transformers
+
+    hf = transformers.Qwen2Config(**{k: v for k, v in cfg.to_hf_dict("float32").items() if k != "dtype"})
+    model = transformers.Qwen2ForCausalLM(hf).eval().to(torch.float32)
+    t = lambda a: torch.from_numpy(np.array(a, np.float32))
+    sd = {"model.embed_tokens.weight": t(params["embed"]), "model.norm.weight": t(params["final_norm"])}
+    lay = params["layers"]
+    for i in range(cfg.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        sd[pre + "input_layernorm.weight"] = t(lay["input_norm"][i])
+        sd[pre + "post_attention_layernorm.weight"] = t(lay["post_norm"][i])
+        for n in "qkv":
+            sd[pre + f"self_attn.{n}_proj.weight"] = t(lay[f"{n}_w"][i]).T.contiguous()
+            sd[pre + f"self_attn.{n}_proj.bias"] = t(lay[f"{n}_b"][i])
+        sd[pre + "self_attn.o_proj.weight"] = t(lay["o_w"][i]).T.contiguous()
+        for n in ("gate", "up", "down"):
+            sd[pre + f"mlp.{n}_proj.weight"] = t(lay[f"{n}_w"][i]).T.contiguous()
+    sd["lm_head.weight"] = t(params["embed"]) if cfg.tie_word_embeddings else t(params["lm_head"]).T.contiguous()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
+    model.tie_weights()
+    return model
+
+
+def test_greedy_matches_transformers_generate(sampler):
+    import torch
+
+    model = to_torch(PARAMS, CFG)
+    T = max(len(p) for p in PROMPTS)
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in PROMPTS])  # left padding
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in PROMPTS])
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, do_sample=False, eos_token_id=None,
+                            pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    hf_tokens = hf.sequences[:, T:].numpy()
+    hf_lp = torch.log_softmax(torch.stack(hf.scores, 1), -1).gather(-1, hf.sequences[:, T:, None])[..., 0].numpy()
+
+    st = sampler.start(PARAMS, PROMPTS)
+    st, out = sampler.generate(PARAMS, st, max_new_tokens=64, sampling=GREEDY, key=0)
+    np.testing.assert_array_equal(out.tokens, hf_tokens)
+    assert (out.lengths == 64).all() and (out.stop_reason == "length").all()
+    np.testing.assert_allclose(out.plain_logprobs, hf_lp, atol=1e-4)
+    assert len({tuple(r) for r in hf_tokens}) == len(PROMPTS) and len(set(hf_tokens.ravel())) > 8  # not degenerate
+    np.testing.assert_array_equal(st.row_lengths, [len(p) + 64 for p in PROMPTS])
+
+
+def test_continuation_equals_fresh_prefill_and_teacher_forcing(sampler):
+    """Row 0 stops at a stop sequence, gets a tool response appended and continues; row 1 runs to
+    max_new in turn 1 and is inactive in turn 2 (rows at different turns)."""
+    st = sampler.start(PARAMS, PROMPTS[:2])
+    _, probe = sampler.generate(PARAMS, st, max_new_tokens=12, sampling=GREEDY, key=0)
+    g0 = list(probe.tokens[0])
+    stop = g0[4:6]
+    assert all(g0[j:j + 2] != stop for j in range(4)), "pick a stop sequence that first occurs at 4"
+
+    s2 = Sampler(CFG, cache_len=256, eos_ids=[], stop_sequences=[stop, [251, 252, 253]])
+    st = s2.start(PARAMS, PROMPTS[:2])
+    st, o1 = s2.generate(PARAMS, st, max_new_tokens=12, sampling=GREEDY, key=0)
+    assert list(o1.stop_reason) == ["stop", "length"]
+    assert o1.lengths[0] == 6 and list(o1.tokens[0, :6]) == g0[:6]  # stop tokens are part of the output
+    assert (o1.tokens[0, 6:] == 0).all() and (o1.plain_logprobs[0, 6:] == 0).all()
+    tool = [101, 102, 103, 104, 105, 106, 107, 108, 109]
+    st = s2.append(PARAMS, st, [tool, []])
+    st, o2 = s2.generate(PARAMS, st, max_new_tokens=20, sampling=GREEDY, key=0, active=np.array([True, False]))
+    assert o2.stop_reason[1] == "inactive" and o2.lengths[1] == 0
+    hist = PROMPTS[0] + g0[:6] + tool
+    assert st.row_lengths[0] == len(hist) + o2.lengths[0]
+    assert st.row_lengths[1] == len(PROMPTS[1]) + 12
+
+    fresh = s2.start(PARAMS, [hist])
+    fresh, of = s2.generate(PARAMS, fresh, max_new_tokens=20, sampling=GREEDY, key=0)
+    n = of.lengths[0]
+    assert n == o2.lengths[0] and of.stop_reason[0] == o2.stop_reason[0]
+    np.testing.assert_array_equal(o2.tokens[0, :n], of.tokens[0, :n])
+    np.testing.assert_allclose(o2.plain_logprobs[0, :n], of.plain_logprobs[0, :n], atol=1e-5)
+
+    # teacher forcing over prompt + turn 1 + tool + turn 2: plain log-probs of every generated token
+    full = hist + list(o2.tokens[0, :n])
+    ref = teacher_logprobs(full)
+    lp1 = [ref[len(PROMPTS[0]) - 1 + j, g0[j]] for j in range(6)]
+    lp2 = [ref[len(hist) - 1 + j, full[len(hist) + j]] for j in range(n)]
+    np.testing.assert_allclose(o1.plain_logprobs[0, :6], lp1, atol=1e-4)
+    np.testing.assert_allclose(o2.plain_logprobs[0, :n], lp2, atol=1e-4)
+    # greedy: every token is the teacher-forced argmax
+    assert all(np.argmax(ref[len(hist) - 1 + j]) == full[len(hist) + j] for j in range(n))
+
+
+def _filtered_logprobs(logits, s: SamplingParams):
+    """Independent NumPy: temperature, then top-k, then top-p (smallest set with mass >= p)."""
+    z = logits.astype(np.float64) / s.temperature
+    order = np.argsort(-z, kind="stable")
+    keep = np.zeros_like(z, bool)
+    k = s.top_k if s.top_k > 0 else len(z)
+    top = order[:k]
+    p = np.exp(z[top] - z[top].max())
+    p /= p.sum()
+    n = int(np.searchsorted(np.cumsum(p), s.top_p - 1e-12)) + 1 if s.top_p < 1 else k
+    keep[top[:n]] = True
+    zz = np.where(keep, z, -np.inf)
+    return zz - np.log(np.sum(np.exp(zz[keep] - zz[keep].max()))) - zz[keep].max(), keep
+
+
+@pytest.mark.parametrize("sp", [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5),
+                                SamplingParams(temperature=0.9, top_p=0.8)])
+def test_sampled_logprobs_and_support(sampler, sp):
+    G = 3
+    st = sampler.start(PARAMS, PROMPTS[:2], group_size=G)
+    st, out = sampler.generate(PARAMS, st, max_new_tokens=16, sampling=sp, key=jax.random.key(1))
+    assert out.tokens.shape == (2 * G, 16)
+    for r in range(2 * G):
+        p = PROMPTS[r // G]
+        seq = p + list(out.tokens[r])
+        ref = teacher_logprobs(seq)
+        for j in range(16):
+            logits_np = ref[len(p) - 1 + j]  # log_softmax is logits up to a constant: same filtered dist
+            flp, keep = _filtered_logprobs(logits_np, sp)
+            tok = seq[len(p) + j]
+            assert keep[tok], (r, j)
+            assert abs(flp[tok] - out.logprobs[r, j]) < 1e-4
+            assert abs(logits_np[tok] - out.plain_logprobs[r, j]) < 1e-4
+    assert len({tuple(t) for t in out.tokens}) == 2 * G  # samples of one group differ
+
+
+def test_first_token_distribution_matches_softmax(sampler):
+    """512 samples of one prompt's first token: chi-square of the empirical counts against
+    softmax(logits / T) (10 most likely tokens + the rest as one bin; 10 dof, 0.1% level 29.6)."""
+    G, T = 512, 0.7
+    st = sampler.start(PARAMS, [PROMPTS[0]], group_size=G)
+    _, out = sampler.generate(PARAMS, st, max_new_tokens=1, sampling=SamplingParams(temperature=T), key=7)
+    p = np.exp(teacher_logprobs(PROMPTS[0])[-1] / T)
+    p /= p.sum()
+    counts = np.bincount(out.tokens[:, 0], minlength=CFG.vocab_size)
+    top = np.argsort(-p)[:10]
+    rest = np.ones(CFG.vocab_size, bool)
+    rest[top] = False
+    obs = np.append(counts[top], counts[rest].sum())
+    exp = G * np.append(p[top], p[rest].sum())
+    assert exp.min() > 5, exp  # chi-square needs populated bins
+    chi2 = ((obs - exp) ** 2 / exp).sum()
+    assert chi2 < 29.6, (chi2, obs, exp)
+    assert len(np.unique(out.tokens)) > 10  # really sampling, not argmax
+
+
+def test_seed_topk1_temp0_equal_greedy(sampler):
+    def run(sp, key, active=None):
+        st = sampler.start(PARAMS, PROMPTS, group_size=2)
+        return sampler.generate(PARAMS, st, max_new_tokens=24, sampling=sp, key=key, active=active)[1]
+
+    g = run(GREEDY, 0)
+    a, b, c = run(SamplingParams(), 3), run(SamplingParams(), 3), run(SamplingParams(), 4)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)
+    assert (a.tokens != c.tokens).any()
+    np.testing.assert_array_equal(run(SamplingParams(top_k=1), 5).tokens, g.tokens)
+    t0 = run(SamplingParams(temperature=1e-6), 6)
+    np.testing.assert_array_equal(t0.tokens, g.tokens)
+    np.testing.assert_array_equal(t0.plain_logprobs, g.plain_logprobs)
+    assert np.abs(t0.logprobs).max() < 1e-4  # a point mass, as for greedy
+    # per-row controls: greedy rows inside a sampled batch still take the argmax
+    mixed = [GREEDY if r % 2 == 0 else SamplingParams(temperature=1.5) for r in range(8)]
+    m = run(mixed, 9)
+    np.testing.assert_array_equal(m.tokens[::2], g.tokens[::2])
+
+
+def test_eos_and_cache_full():
+    """Row 0 (7 prompt tokens) ends on eos; row 1 (2 prompt tokens) fills its cache (13 slots)."""
+    st0 = Sampler(CFG, cache_len=64, eos_ids=[])
+    st = st0.start(PARAMS, PROMPTS[:2])
+    _, probe = st0.generate(PARAMS, st, max_new_tokens=16, sampling=GREEDY, key=0)
+    cands = [int(t) for t in probe.tokens[0, :4] if t not in probe.tokens[1, :11]]
+    assert cands, probe.tokens
+    eos = cands[0]
+    first = list(probe.tokens[0]).index(eos)
+    s = Sampler(CFG, cache_len=13, eos_ids=[eos])
+    st = s.start(PARAMS, PROMPTS[:2])
+    st, out = s.generate(PARAMS, st, max_new_tokens=16, sampling=GREEDY, key=0)
+    assert out.stop_reason[0] == "eos" and out.lengths[0] == first + 1 and out.tokens[0, first] == eos
+    assert out.stop_reason[1] == "cache_full" and out.lengths[1] == 11
+    np.testing.assert_array_equal(out.tokens[1, :11], probe.tokens[1, :11])
+    np.testing.assert_array_equal(st.row_lengths, [7 + first + 1, 13])
+    _, again = s.generate(PARAMS, st, max_new_tokens=4, sampling=GREEDY, key=0, active=np.array([False, True]))
+    assert list(again.stop_reason) == ["inactive", "cache_full"] and (again.lengths == 0).all()
+    with pytest.raises(MtrError, match="row 1 would hold 14 tokens"):
+        s.append(PARAMS, st, [[], [1]])
+
+
+def test_no_recompilation_across_batches():
+    s = Sampler(CFG, cache_len=128, eos_ids=[3], stop_sequences=[[9, 9]])
+    compiles = []
+    listener = lambda name, secs, **kw: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+    rng = np.random.default_rng(0)
+    counts = []
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for i in range(20):
+            prompts = [list(rng.integers(0, 256, rng.integers(18, 34))) for _ in range(3)]  # chunk bucket 32
+            st = s.start(PARAMS, prompts, group_size=2)  # 6 rows -> batch bucket 8
+            sp = SamplingParams(temperature=float(rng.uniform(0.5, 1.5)))
+            st, out = s.generate(PARAMS, st, max_new_tokens=int(rng.integers(5, 17)), sampling=sp, key=i,
+                                 active=rng.random(6) < 0.8)
+            st = s.append(PARAMS, st, [list(rng.integers(0, 256, rng.integers(0, 17))) for _ in range(6)])
+            st, out = s.generate(PARAMS, st, max_new_tokens=4, sampling=sp, key=i)
+            counts.append((s.compiled_programs(), len(compiles)))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert counts[0][0] == 3, counts[0]  # prefill, generate, append: one program each
+    assert all(c == counts[0] for c in counts), counts
+
+
+def test_bad_inputs(sampler):
+    with pytest.raises(MtrError, match="prompt 1 is empty"):
+        sampler.start(PARAMS, [[1, 2], []])
+    with pytest.raises(MtrError, match="longer than cache_len"):
+        sampler.start(PARAMS, [list(range(200)) + list(range(57))])
+    with pytest.raises(MtrError, match="outside the vocabulary"):
+        sampler.start(PARAMS, [[1, 999]])
+    st = sampler.start(PARAMS, [[1, 2]])
+    for bad in (0, -3, 2.5):
+        with pytest.raises(MtrError, match="max_new_tokens"):
+            sampler.generate(PARAMS, st, max_new_tokens=bad, sampling=GREEDY, key=0)
+    with pytest.raises(MtrError, match="top_p"):
+        sampler.generate(PARAMS, st, max_new_tokens=4, sampling=SamplingParams(top_p=0.0), key=0)
+    with pytest.raises(MtrError, match=r"stop_sequences\[1\].*\[256\]"):
+        Sampler(CFG, cache_len=64, eos_ids=[1], stop_sequences=[[1, 2], [5, 256]])
+    with pytest.raises(MtrError, match="eos_ids"):
+        Sampler(CFG, cache_len=64, eos_ids=[-1])
+    with pytest.raises(MtrError, match="empty"):
+        Sampler(CFG, cache_len=64, eos_ids=[1], stop_sequences=[[]])
+    with pytest.raises(MtrError, match="2 token lists for 1 rows"):
+        sampler.append(PARAMS, st, [[1], [2]])
+
+
+def test_sharded_8_devices_same_greedy_tokens():
+    out = run_with_devices(
+        """
+        import sys; sys.path.insert(0, "tests")
+        import jax, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from mtr_jax.model import qwen2
+        from mtr_jax.sampling import Sampler, SamplingParams
+        from util import tiny_config
+        cfg = tiny_config()
+        params = qwen2.init_params(cfg, jax.random.key(0), std=0.15)
+        prompts = [[5, 17, 33, 2, 90, 11, 200], [3, 4], [250, 1, 7, 7, 7, 19, 42, 120, 66, 8, 9, 10, 13]]
+        tool = [[101, 102, 103], [], [7, 8]]
+        g = SamplingParams(greedy=True)
+
+        def run(s, p):
+            st = s.start(p, prompts, group_size=2)
+            st, a = s.generate(p, st, max_new_tokens=20, sampling=g, key=0)
+            st = s.append(p, st, tool + tool)
+            st, b = s.generate(p, st, max_new_tokens=12, sampling=g, key=0)
+            return np.concatenate([a.tokens, b.tokens], 1), np.concatenate([a.plain_logprobs, b.plain_logprobs], 1), st
+
+        ref_t, ref_lp, _ = run(Sampler(cfg, cache_len=128, eos_ids=[]), params)
+        mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+        # tensor-parallel layout for the weights (heads / mlp / vocab over "tensor"), rows over data x fsdp
+        tp = {"q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
+        axes = qwen2.logical_axes(cfg)
+        sharded = jax.tree_util.tree_map(
+            lambda a, ax: jax.device_put(a, NamedSharding(mesh, P(*[tp.get(n) for n in ax]))), params, axes,
+            is_leaf=lambda x: isinstance(x, tuple))
+        s = Sampler(cfg, cache_len=128, eos_ids=[], mesh=mesh)
+        t, lp, st = run(s, sharded)
+        assert st.cache["k"].sharding.spec[1] == ("data", "fsdp"), st.cache["k"].sharding
+        assert len(st.cache["k"].sharding.device_set) == 8
+        np.testing.assert_array_equal(t, ref_t)
+        np.testing.assert_allclose(lp, ref_lp, atol=1e-4)
+        print("OK", st.batch_bucket, t.shape)
+        """
+    )
+    assert "OK 8 (6, 32)" in out, out
