@@ -20,6 +20,11 @@ def cache_key(backend: str, tool: str, arguments: dict, context_id: str) -> str:
     return hashlib.sha256(canonical_json([backend, tool, arguments, context_id]).encode("utf-8")).hexdigest()
 
 
+def _as_stored(content: dict) -> str:
+    """Key order kept (not canonical): a cached observation must render exactly like a fresh one."""
+    return json.dumps(content, ensure_ascii=False, separators=(",", ":"))
+
+
 class ObservationCache:
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path)
@@ -47,7 +52,7 @@ class ObservationCache:
         with self._lock:  # autocommit mode: each statement is its own committed transaction
             self._db.execute(
                 "INSERT OR REPLACE INTO observations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, backend, tool, canonical_json(arguments), context_id, canonical_json(content), int(ok), error),
+                (key, backend, tool, canonical_json(arguments), context_id, _as_stored(content), int(ok), error),
             )
 
     def __len__(self) -> int:

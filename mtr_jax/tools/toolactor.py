@@ -152,7 +152,7 @@ _MONTHS.update({m[:3]: i for m, i in list(_MONTHS.items())})
 
 def comparable(value: str) -> tuple:
     """A date ('2 November 1932', 'July 23, 1968', '1974') as (year, month, day), else a number."""
-    v = value.strip().lower().replace(",", " ")
+    v = re.sub(r"(?<=\d),(?=\d{3}\b)", "", value.strip().lower()).replace(",", " ")  # 1,200 -> 1200
     year = re.search(r"\b(\d{3,4})\b", v)
     month = next((n for w, n in _MONTHS.items() if re.search(rf"\b{w}\b", v)), None)
     if year and month:

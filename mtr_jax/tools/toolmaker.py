@@ -49,8 +49,8 @@ def classify(question: str) -> str:
         return "temporal"
     if (" or " in q or " and " in q) and _COMPARE.search(q):
         return "comparison"
-    if re.match(r"^(which|who|what)\b", q) and _COMPARE.search(q) and " or " in q:
-        return "comparison"
+    if re.match(r"^(which|who|what)\b", q) and re.search(r",[^,]+ or [^,]+\?$", q):
+        return "comparison"  # a choice between two named options: "Which ..., A or B?"
     return "bridge"
 
 
