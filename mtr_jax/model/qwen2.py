@@ -77,6 +77,10 @@ class Qwen2Config:
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
 
+    def __hash__(self):
+        # lets a config be a static argument of jax.jit; configs are never mutated (use .replace)
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
