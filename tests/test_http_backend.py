@@ -43,6 +43,9 @@ class _Stub(BaseHTTPRequestHandler):
         if mode == "timeout":
             time.sleep(0.6)
             return self._send(200, b"{}")
+        if mode == "hangup":  # close the connection without a status line
+            self.close_connection = True
+            return None
         if mode == "badjson":
             return self._send(200, b"<html>not json")
         if mode == "badobs":
@@ -102,7 +105,7 @@ def test_success_sends_key_and_grounding(server, monkeypatch, record):
     assert actor.counters["retries"] == 0 and actor.counters["errors"] == 0
 
 
-@pytest.mark.parametrize("mode,transient,invalid", [("e500", 4, 0), ("timeout", 4, 0), ("badjson", 4, 0), ("badobs", 0, 4)])
+@pytest.mark.parametrize("mode,transient,invalid", [("e500", 4, 0), ("timeout", 4, 0), ("hangup", 4, 0), ("badjson", 4, 0), ("badobs", 0, 4)])
 def test_failures_retry_with_backoff_then_error_observation(server, monkeypatch, record, mode, transient, invalid):
     actor = _actor(server, mode, monkeypatch, retries=3, backoff_s=0.05, timeout_s=0.2)
     before = _Stub.hits.get(mode, 0)

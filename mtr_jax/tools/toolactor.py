@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import http.client
 import json
 import math
 import operator
@@ -345,7 +346,7 @@ class HttpChat:
             if e.code >= 500 or e.code == 429:
                 raise TransientError(f"HTTP {e.code} from {self.url}") from None
             raise BackendError(f"HTTP {e.code} from {self.url}") from None
-        except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError, OSError) as e:
+        except (urllib.error.URLError, TimeoutError, socket.timeout, OSError, http.client.HTTPException) as e:
             raise TransientError(f"no response from {self.url} ({type(e).__name__})") from None
         try:
             return json.loads(raw)["choices"][0]["message"]["content"]
@@ -522,6 +523,10 @@ class ToolActor:
                 continue
             except BackendError as e:
                 return _error("backend_error", f"the tool backend refused the call ({e})"), False
+            except Exception as e:  # a local generate() hook failing: retry like a transient error
+                self._count("transient_failures")
+                last = f"the model failed ({type(e).__name__})"
+                continue
             try:
                 content = extract_json_object(reply if isinstance(reply, str) else "")
                 probs = validate_observation(defn, content)
