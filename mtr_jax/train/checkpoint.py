@@ -41,10 +41,12 @@ class Checkpointer:
     """`Checkpointer(dir, keep=3)`; `save(step, {"params":..., "opt_state":..., "rng":...}, meta)`;
     `restore(step=None, target=None) -> (state, meta)`; `latest_step()`; `wait()`; `close()`."""
 
-    def __init__(self, directory, keep: int | None = 3, async_save: bool = True):
+    def __init__(self, directory, keep: int | None = 3, async_save: bool = True, read_only: bool = False):
         self.directory = pathlib.Path(directory).expanduser().absolute()
+        # a writer removes tmp dirs left by a killed save; a reader must not (a live run may own them)
         opts = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
+            read_only=read_only, cleanup_tmp_directories=not read_only,
         )
         self._opts = opts
         self._mngr = ocp.CheckpointManager(self.directory, options=opts)
@@ -204,7 +206,7 @@ def load_params(ckpt_dir, mesh=None, step: int | None = None, dtype: str | None 
     from mtr_jax.model.qwen2 import Qwen2Config, param_specs
 
     root, step = _root_and_step(ckpt_dir, step)
-    ck = Checkpointer(root, keep=None)
+    ck = Checkpointer(root, keep=None, read_only=True)
     cfg = _model_config(ck.meta(step), root)
     if mesh is not None:
         from mtr_jax.parallel.rules import param_shardings
@@ -242,7 +244,7 @@ def _model_config(meta: dict, root):
 def checkpoint_model_config(ckpt_dir, step: int | None = None):
     """The Qwen2Config recorded in a checkpoint's metadata (latest step unless given)."""
     root, step = _root_and_step(ckpt_dir, step)
-    ck = Checkpointer(root, keep=None)
+    ck = Checkpointer(root, keep=None, read_only=True)
     try:
         return _model_config(ck.meta(step), root)
     finally:
@@ -256,7 +258,7 @@ def _is_spec(x):
 def find_tokenizer(ckpt_dir) -> pathlib.Path | None:
     """The tokenizer dir recorded in a checkpoint's meta (relative to its root), if any."""
     root, step = _root_and_step(ckpt_dir, None)
-    ck = Checkpointer(root, keep=None)
+    ck = Checkpointer(root, keep=None, read_only=True)
     try:
         meta = ck.meta(step)
     finally:
