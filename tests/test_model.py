@@ -103,3 +103,25 @@ def test_packed_row_equals_each_sequence_alone():
     # with one segment the second sequence would see the first: the check above is not vacuous
     joined = np.asarray(fwd(params, cfg, rows, pos, (seg > 0).astype(np.int32)))
     assert np.abs(joined[0, 5:12] - out[2, :7]).max() > 1e-3
+
+
+def test_presets_match_official_parameter_counts():
+    from mtr_jax.config import ModelConfig
+    from mtr_jax.errors import MtrError
+    from mtr_jax.model.presets import load_preset, resolve_model_config
+
+    def count(cfg):
+        specs = qwen2.param_specs(cfg)
+        leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[1], tuple))
+        return sum(int(np.prod(shape)) for shape, _ in leaves)
+
+    # the totals Hugging Face reports for the Qwen2.5 checkpoints (safetensors metadata)
+    official = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-3b": 3_085_938_688, "qwen2.5-7b": 7_615_616_512}
+    for name, n in official.items():
+        assert count(load_preset(name)) == n, name
+    cfg = resolve_model_config(ModelConfig(preset="tiny", arch={"num_hidden_layers": 3}, dtype="bfloat16", scan_layers=True))
+    assert (cfg.num_hidden_layers, cfg.dtype, cfg.scan_layers, cfg.param_dtype) == (3, "bfloat16", True, "float32")
+    with pytest.raises(MtrError, match="model.arch: unknown Qwen2Config fields \\['hiden_size'\\]"):
+        resolve_model_config(ModelConfig(arch={"hiden_size": 8}))
+    with pytest.raises(MtrError, match="model.preset 'qwen9'"):
+        resolve_model_config(ModelConfig(preset="qwen9"))
