@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="print one JSON object")
             sp.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
             sp.add_argument("--dtype", default=None)
+        if name == "plan":
+            sp.add_argument("--stage", choices=["sft", "grpo", "both"], default="both", help="which stage(s) to plan")
+            sp.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "report":
             sp.add_argument("run_dir")
     return p

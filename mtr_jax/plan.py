@@ -1,0 +1,401 @@
+"""`mtr plan --config C`: per-device memory of an SFT / GRPO run, FITS or DOES NOT FIT, before launch.
+
+What is counted (bytes per device, under the config's mesh and the sharding rules of
+`parallel/rules.py`, i.e. exactly how the trainers place arrays):
+
+- parameters: every weight in `model.param_dtype`, sharded over fsdp x tensor where it divides.
+- optimizer state: AdamW as built by `train/optim.py` -- first moment in float32, second moment in
+  the param dtype (optax keeps `nu` like the params); the params themselves are the master weights.
+- gradients + update temporaries: the float32 gradient accumulator of `train/step.py`, one
+  micro-batch's gradients (param dtype) and optax's float32 update tree.
+- reference model: a second copy of the parameters when `grpo.beta > 0`.
+- sampler KV cache: k and v [layers, B x G rows, grpo.max_len, kv heads, head dim] in the compute
+  dtype, rows sharded over data x fsdp, plus the prompts' prefill cache.
+- activations: per micro-batch rows on this device x sequence length. The model materialises the
+  attention scores [rows, heads, T, T] in float32, so the estimate is
+      no remat:  L x (2.96 x att + 7.16 x lin) + 2.95 x logits
+      remat:     L x h + max(2.57 x att + 8.5 x lin, 1.67 x logits) + logits
+  with att = rows*heads*T*T*4, lin = rows*T*(hidden+intermediate)*4, logits = rows*T*vocab*4,
+  h = rows*T*hidden*4. The coefficients were fitted to XLA's compiled memory analysis of the real
+  train step on CPU (tests/test_plan.py re-checks a few configs within 25%).
+- GRPO also runs a no-grad log-prob forward over all B x G episodes at once (old/ref log-probs):
+  1.8 x att + 1.7 x lin (one layer at a time) + 2.7 x logits (log-softmax, entropy probabilities).
+
+The peak is persistent state (params, optimizer, reference) + the largest phase (update,
+log-prob forward, sampling). FITS means peak <= 90% of the device memory (XLA needs headroom for
+fragmentation and collectives). Bad accelerator or mesh, and DOES NOT FIT, exit with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import re
+import types
+
+from mtr_jax.errors import MtrError
+
+GiB = 1024**3
+USABLE = 0.90  # share of device memory a run may plan to use
+
+# Memory per JAX device (one chip; v4/v5p chips are megacore: one device per chip).
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "h100": 80, "h200": 141}
+# Devices of one host when no slice size is given (v4-8 / v5p-8 = 4 chips, v5e-8 / v6e-8 = 8 chips).
+HOST_DEVICES = {"v4": 4, "v5e": 8, "v5p": 4, "v6e": 8, "h100": 1, "h200": 1}
+# Cloud TPU names count TensorCores for v4/v5p (2 per chip) and chips for v5e/v6e.
+CORES_PER_DEVICE = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "tpu-v4": "v4", "tpu-v5e": "v5e", "tpu-v5p": "v5p", "tpu-v6e": "v6e",
+            "v6e": "v6e", "trillium": "v6e", "gpu": "h100"}
+
+# Activation model coefficients (fitted on XLA CPU memory analysis of `train/step.py`; see module doc).
+NO_REMAT = (2.96, 7.16, 2.95)
+REMAT = (2.57, 8.5, 1.67)
+FORWARD = (1.8, 1.7, 2.7)  # no-grad log-prob forward (GRPO old/ref log-probs)
+
+# Qwen2.5 shapes, used when configs/model/<preset>.yaml is not there (field names as HF Qwen2Config).
+_BUILTIN_PRESETS = {
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs: accelerator, model shape.
+
+
+def parse_accelerator(name: str) -> tuple[str, int, float]:
+    """'v5e-8' / 'v5litepod-16' / 'v4-32' / 'h100x8' / 'cpu' -> (kind, n_devices, bytes per device)."""
+    raw = str(name).strip().lower()
+    if raw.startswith("cpu"):
+        import jax
+
+        n = jax.device_count()
+        m = re.fullmatch(r"cpu(?:[-x](\d+))?", raw)
+        if not m:
+            raise MtrError(f"run.accelerator={name!r}: expected cpu or cpu-N")
+        n = int(m.group(1)) if m.group(1) else n
+        return "cpu", n, _host_ram() / n
+    m = re.fullmatch(r"([a-z0-9-]+?)(?:[-x](\d+))?", raw)
+    kind = m.group(1) if m else raw
+    kind = _ALIASES.get(kind, kind)
+    if not m or kind not in HBM_GIB:
+        known = ", ".join(list(HBM_GIB) + ["cpu"])
+        raise MtrError(
+            f"run.accelerator={name!r}: unknown accelerator type (known: {known}; "
+            "a slice size may follow, e.g. v5e-8, v4-32, h100x8)"
+        )
+    if m.group(2):
+        n = int(m.group(2))
+        per = CORES_PER_DEVICE.get(kind, 1)
+        if kind in CORES_PER_DEVICE and n % per:
+            raise MtrError(f"run.accelerator={name!r}: {kind} slice sizes count TensorCores and must be even")
+        n //= per
+    else:
+        n = HOST_DEVICES[kind]
+    if n < 1:
+        raise MtrError(f"run.accelerator={name!r}: needs at least one device")
+    return kind, n, HBM_GIB[kind] * GiB
+
+
+def _host_ram() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def model_config(cfg):
+    """Qwen2Config of a run config: HF dir in model.init_from, else model.preset (configs/model/
+    <preset>.yaml, an HF config.json / dir, or a built-in Qwen2.5 shape), then model.arch overrides
+    and the dtype / remat / scan settings of `model:`."""
+    from mtr_jax.config import CONFIG_DIR, read_yaml
+    from mtr_jax.model.qwen2 import Qwen2Config
+
+    m = cfg.model
+    fields = set(Qwen2Config.__dataclass_fields__)
+    base: dict = {}
+    init = pathlib.Path(m.init_from) if m.init_from else None
+    preset_file = CONFIG_DIR / "model" / f"{m.preset}.yaml"
+    if init is not None and (init / "config.json").exists():
+        base = dict(vars(Qwen2Config.from_file(init)))
+    elif preset_file.exists():
+        data = read_yaml(preset_file)
+        data = {**data, **(data.get("arch") or {})} if isinstance(data.get("arch"), dict) else data
+        base = {k: v for k, v in data.items() if k in fields}
+        if not base:
+            raise MtrError(f"{preset_file}: no Qwen2Config fields (hidden_size, num_hidden_layers, ...)")
+    elif m.preset and pathlib.Path(m.preset).exists():
+        base = dict(vars(Qwen2Config.from_file(m.preset)))
+    elif m.preset.lower().removesuffix("-instruct") in _BUILTIN_PRESETS:
+        base = dict(_BUILTIN_PRESETS[m.preset.lower().removesuffix("-instruct")])
+    elif m.preset:
+        raise MtrError(
+            f"model.preset={m.preset!r}: no {preset_file}, no such file, and not a built-in shape "
+            f"({', '.join(_BUILTIN_PRESETS)})"
+        )
+    bad = [k for k in m.arch if k not in fields]
+    if bad:
+        raise MtrError(f"model.arch: unknown Qwen2Config fields {bad}")
+    base.update(m.arch)
+    base.update(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
+    return Qwen2Config(**{k: v for k, v in base.items() if k in fields})
+
+
+# ------------------------------------------------------------------------------------------------
+# The estimate.
+
+
+def _fake_mesh(data: int, fsdp: int, tensor: int):
+    # rules.spec_for only reads `mesh.shape`: plan without owning the devices.
+    return types.SimpleNamespace(shape={"data": data, "fsdp": fsdp, "tensor": tensor})
+
+
+def param_elems_per_device(mcfg, mesh_sizes) -> tuple[int, int]:
+    """(total parameter count, parameter elements held by one device) under the sharding rules."""
+    from mtr_jax.model.qwen2 import param_specs
+    from mtr_jax.parallel.rules import spec_for
+
+    mesh = _fake_mesh(*mesh_sizes)
+    total = per = 0
+    leaves = _spec_leaves(param_specs(mcfg))
+    for shape, names in leaves:
+        n = math.prod(shape)
+        spec = spec_for(names, shape, mesh, mcfg)
+        div = 1
+        for ax in spec:
+            for a in (ax,) if isinstance(ax, str) else (ax or ()):
+                div *= mesh.shape[a]
+        total += n
+        per += n // div
+    return total, per
+
+
+def _spec_leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _spec_leaves(v)
+    else:
+        yield tree
+
+
+def activation_bytes(mcfg, rows: int, T: int, tensor: int = 1, remat: bool | None = None) -> float:
+    """Train-step activations of one device holding `rows` rows of length T (see module doc)."""
+    E, I, H, L, V = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_attention_heads, mcfg.num_hidden_layers, mcfg.vocab_size
+    th = tensor if H % tensor == 0 and mcfg.num_key_value_heads % tensor == 0 else 1
+    tv = tensor if V % tensor == 0 else 1
+    ti = tensor if I % tensor == 0 else 1
+    att = rows * (H / th) * T * T * 4
+    lin = rows * T * (E + I / ti) * 4
+    logits = rows * T * (V / tv) * 4
+    remat = mcfg.remat if remat is None else remat
+    if remat:
+        a, b, c = REMAT
+        return L * rows * T * E * 4 + max(a * att + b * lin, c * logits) + logits
+    a, b, c = NO_REMAT
+    return L * (a * att + b * lin) + c * logits
+
+
+def _forward_only_bytes(mcfg, rows: int, T: int, tensor: int, logits: bool = True) -> float:
+    """A no-grad forward (to log-probs): one layer's transients at a time + the float32 logits."""
+    a, b, c = FORWARD
+    E, I, H, V = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_attention_heads, mcfg.vocab_size
+    th = tensor if H % tensor == 0 and mcfg.num_key_value_heads % tensor == 0 else 1
+    tv = tensor if V % tensor == 0 else 1
+    ti = tensor if I % tensor == 0 else 1
+    layer = a * rows * (H / th) * T * T * 4 + b * rows * T * (E + I / ti) * 4
+    return layer + (c * rows * T * (V / tv) * 4 if logits else 0.0)
+
+
+def _bucket(n: int, minimum: int = 64) -> int:
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def _rows_per_device(rows: int, batch_div: int, what: str) -> int:
+    if rows % batch_div:
+        raise MtrError(f"{what}: {rows} rows do not split over data x fsdp = {batch_div} devices")
+    return rows // batch_div
+
+
+def estimate(cfg, mcfg, mesh_sizes: tuple[int, int, int], stage: str) -> dict:
+    """Bytes per device of each component and the peak, for stage 'sft' or 'grpo'."""
+    data, fsdp, tensor = mesh_sizes
+    pb = _DTYPE_BYTES[mcfg.param_dtype]
+    cb = _DTYPE_BYTES[mcfg.dtype]
+    n_total, n_dev = param_elems_per_device(mcfg, mesh_sizes)
+    out = {
+        "params": n_dev * pb,
+        "optimizer": n_dev * (4 + pb),
+        "gradients": n_dev * (4 + pb + 4),
+        "reference": 0.0,
+        "kv_cache": 0.0,
+        "activations": 0.0,
+        "logprob_forward": 0.0,
+        "sampler_prefill": 0.0,
+    }
+    bdiv = data * fsdp
+    if stage == "sft":
+        s = cfg.sft
+        if s.grad_accum < 1 or s.batch_size % s.grad_accum:
+            raise MtrError(f"sft.batch_size={s.batch_size} is not a multiple of sft.grad_accum={s.grad_accum}")
+        rows = _rows_per_device(s.batch_size // s.grad_accum, bdiv, "sft.batch_size / sft.grad_accum")
+        out["activations"] = activation_bytes(mcfg, rows, s.seq_len, tensor)
+        phases = [out["gradients"] + out["activations"]]
+    elif stage == "grpo":
+        g = cfg.grpo
+        n_rows = g.batch_size * g.group_size
+        if g.minibatches < 1 or n_rows % g.minibatches:
+            raise MtrError(f"grpo.minibatches={g.minibatches} does not divide B*G={n_rows}")
+        T = _bucket(g.max_len)
+        rows = _rows_per_device(n_rows // g.minibatches, bdiv, "grpo.batch_size x group_size / minibatches")
+        out["activations"] = activation_bytes(mcfg, rows, T, tensor)
+        all_rows = -(-n_rows // bdiv)
+        out["logprob_forward"] = _forward_only_bytes(mcfg, all_rows, T, tensor)
+        if g.beta:
+            out["reference"] = out["params"]
+        # KV cache: rows sharded over data x fsdp (sampler BATCH_AXES), kv heads replicated
+        per_row = 2 * mcfg.num_hidden_layers * g.max_len * mcfg.num_key_value_heads * mcfg.head_dim * cb
+        prompts = -(-g.batch_size // bdiv)
+        out["kv_cache"] = (all_rows + prompts) * per_row
+        prompt_len = max(64, g.max_len - g.max_turns * g.max_new_tokens)  # assumed prompt budget
+        # prefill: prompt rows x prompt_len queries against a cache of max_len slots
+        a, b, _ = FORWARD
+        th = tensor if mcfg.num_attention_heads % tensor == 0 and mcfg.num_key_value_heads % tensor == 0 else 1
+        out["sampler_prefill"] = prompts * (a * (mcfg.num_attention_heads / th) * prompt_len * g.max_len * 4
+                                            + b * prompt_len * (mcfg.hidden_size + mcfg.intermediate_size) * 4)
+        phases = [out["gradients"] + out["activations"], out["logprob_forward"], out["kv_cache"] + out["sampler_prefill"]]
+    else:
+        raise MtrError(f"plan: unknown stage {stage!r}")
+    persistent = out["params"] + out["optimizer"] + out["reference"]
+    out["peak"] = persistent + max(phases)
+    out["n_params"] = n_total
+    return out
+
+
+def candidate_meshes(n: int, mcfg):
+    """Every (data, fsdp, tensor) with product n; tensor only over whole kv heads (rules replicate otherwise)."""
+    for tensor in _divisors(n):
+        if mcfg.num_key_value_heads % tensor or mcfg.num_attention_heads % tensor:
+            continue
+        for fsdp in _divisors(n // tensor):
+            yield (n // tensor // fsdp, fsdp, tensor)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def suggest_mesh(cfg, mcfg, n: int, budget: float, stages: list[str]):
+    """The fitting mesh (preferring 15% slack) with the least communication (most data parallelism,
+    then the least tensor parallelism); if none fits, the one with the smallest peak. Returns (mesh, peak) or (None, None)."""
+    best = None
+    for mesh in candidate_meshes(n, mcfg):
+        try:
+            peak = max(estimate(cfg, mcfg, mesh, s)["peak"] for s in stages)
+        except MtrError:
+            continue  # batch does not split over this mesh
+        fits = peak <= budget
+        roomy = peak <= 0.85 * budget  # leave slack for what the model does not count
+        key = (not fits, not roomy, -mesh[0] if fits else peak, mesh[2])
+        if best is None or key < best[0]:
+            best = (key, mesh, peak)
+    return (best[1], best[2]) if best else (None, None)
+
+
+def make_plan(cfg, stages: list[str] | None = None) -> dict:
+    from mtr_jax.parallel.mesh import AXES, mesh_shape
+
+    stages = stages or ["sft", "grpo"]
+    kind, n, per_dev = parse_accelerator(cfg.run.accelerator)
+    mcfg = model_config(cfg)
+    sizes = {a: getattr(cfg.mesh, a) for a in AXES}
+    mesh = mesh_shape(sizes, n)  # MtrError when the mesh does not divide the devices
+    budget = per_dev * USABLE
+    res = {"accelerator": cfg.run.accelerator, "kind": kind, "devices": n, "device_bytes": per_dev, "budget_bytes": budget,
+           "mesh": dict(zip(AXES, mesh)), "model": cfg.model.preset, "n_params": None, "stages": {}}
+    for s in stages:
+        est = estimate(cfg, mcfg, mesh, s)
+        res["n_params"] = est.pop("n_params")
+        est["fits"] = est["peak"] <= budget
+        res["stages"][s] = est
+    sug, peak = suggest_mesh(cfg, mcfg, n, budget, stages)
+    res["suggested_mesh"] = dict(zip(AXES, sug)) if sug else None
+    res["suggested_peak"] = peak
+    res["fits"] = all(v["fits"] for v in res["stages"].values())
+    return res
+
+
+_ROWS = [
+    ("params", "parameters"),
+    ("optimizer", "optimizer state (AdamW)"),
+    ("gradients", "gradients + update temporaries"),
+    ("reference", "reference model (grpo.beta>0)"),
+    ("kv_cache", "sampler KV cache"),
+    ("sampler_prefill", "sampler prefill activations"),
+    ("activations", "train-step activations"),
+    ("logprob_forward", "log-prob forward (B x G rows)"),
+    ("peak", "PEAK per device"),
+]
+
+
+def format_plan(res: dict) -> str:
+    g = lambda b: f"{b / GiB:9.3f}"  # noqa: E731
+    stages = list(res["stages"])
+    lines = [
+        f"model {res['model']}: {res['n_params'] / 1e6:.1f}M parameters",
+        f"accelerator {res['accelerator']}: {res['devices']} device(s) x {res['device_bytes'] / GiB:.1f} GiB"
+        f" (plan budget {USABLE:.0%} = {res['budget_bytes'] / GiB:.2f} GiB)",
+        "mesh " + " ".join(f"{k}={v}" for k, v in res["mesh"].items()),
+        f"{'GiB per device':34s}" + "".join(f"{s.upper():>10s}" for s in stages),
+    ]
+    for key, label in _ROWS:
+        lines.append(f"{label:34s}" + "".join(f" {g(res['stages'][s][key])}" for s in stages))
+    for s in stages:
+        st = res["stages"][s]
+        verdict = "FITS" if st["fits"] else "DOES NOT FIT"
+        lines.append(f"{s.upper()}: {verdict} ({st['peak'] / res['budget_bytes']:.0%} of budget)")
+    if res["suggested_mesh"]:
+        sm = " ".join(f"{k}={v}" for k, v in res["suggested_mesh"].items())
+        lines.append(f"suggested mesh: {sm} (peak {res['suggested_peak'] / GiB:.3f} GiB per device)")
+    return "\n".join(lines)
+
+
+def cli(args) -> int:
+    stage = getattr(args, "stage", None) or "both"
+    stages = ["sft", "grpo"] if stage == "both" else [stage]
+    res = make_plan(args.cfg, stages)
+    if getattr(args, "json", False):
+        print(json.dumps(res))
+    else:
+        print(format_plan(res))
+    if not res["fits"]:
+        bad = [s for s, v in res["stages"].items() if not v["fits"]]
+        st = res["stages"][bad[0]]
+        labels = dict(_ROWS)
+        top = max((k for k in st if k in labels and k != "peak"), key=lambda k: st[k])
+        if res["suggested_mesh"] and res["suggested_peak"] <= res["budget_bytes"]:
+            hint = "try " + " ".join(f"mesh.{k}={v}" for k, v in res["suggested_mesh"].items())
+        else:
+            hint = "no mesh of these devices fits: use more devices, model.remat=true, or smaller batches / lengths"
+        raise MtrError(
+            f"{'/'.join(bad)} does not fit on {res['accelerator']}: peak {st['peak'] / GiB:.2f} GiB > budget "
+            f"{res['budget_bytes'] / GiB:.2f} GiB per device (largest: {labels[top]} {st[top] / GiB:.2f} GiB); {hint}"
+        )
+    return 0

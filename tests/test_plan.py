@@ -1,0 +1,182 @@
+"""`mtr plan`: the estimate is checked against XLA's compiled memory analysis of the real programs
+(the SFT/GRPO train step of train/step.py, the GRPO log-prob forward), and the per-device parameter
+count against real shardings on 8 fake devices."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mtr_jax.config import load_config
+from mtr_jax.errors import MtrError
+from mtr_jax.plan import GiB, estimate, make_plan, model_config, parse_accelerator
+from util import REPO, run_with_devices
+
+ARCH = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=True)
+
+
+def _cfg(**over):
+    base = {"model": {"preset": "tiny", "arch": dict(ARCH)}, "mesh": {"data": -1}, "run": {"accelerator": "cpu"}}
+    items = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in over.items()]
+    return load_config(None, items, base=base)
+
+
+def _peak(compiled) -> int:
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+
+
+def _measure_train_step(cfg, mcfg, loss_num, batch_shapes, optim):
+    import jax
+    import jax.numpy as jnp
+
+    from mtr_jax.model.qwen2 import init_params
+    from mtr_jax.train.optim import make_optimizer
+    from mtr_jax.train.step import make_train_step
+
+    tx, _ = make_optimizer(optim, 10)
+    params = jax.eval_shape(lambda: init_params(mcfg, jax.random.key(0)))
+    opt = jax.eval_shape(tx.init, params)
+    step = make_train_step(loss_num, tx)
+    return _peak(step.lower(params, opt, batch_shapes, jax.ShapeDtypeStruct((), jnp.float32)).compile())
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"sft.batch_size": 8, "sft.seq_len": 256},
+        {"sft.batch_size": 8, "sft.seq_len": 128, "model.arch.vocab_size": 2048},
+        {"sft.batch_size": 8, "sft.seq_len": 256, "sft.grad_accum": 2, "model.remat": True, "model.scan_layers": True},
+    ],
+)
+def test_sft_estimate_matches_compiled_memory(over):
+    import jax
+    import jax.numpy as jnp
+
+    from mtr_jax.train import losses
+
+    cfg = _cfg(**over)
+    mcfg = model_config(cfg)
+    s = cfg.sft
+    shapes = {k: jax.ShapeDtypeStruct((s.grad_accum, s.batch_size // s.grad_accum, s.seq_len), jnp.int32)
+              for k in ("tokens", "loss_mask", "segment_ids", "positions")}
+
+    def loss_num(p, mb):
+        num, den = losses.sft_loss_num(p, mcfg, mb)
+        return num, {"tokens": den}
+
+    measured = _measure_train_step(cfg, mcfg, loss_num, shapes, s.optim)
+    planned = estimate(cfg, mcfg, (1, 1, 1), "sft")["peak"]
+    assert abs(planned - measured) / measured < 0.25, (planned / 2**20, measured / 2**20)
+
+
+def test_grpo_estimates_match_compiled_memory():
+    import jax
+    import jax.numpy as jnp
+
+    from mtr_jax.model.qwen2 import init_params
+    from mtr_jax.train.grpo import bucket, make_grpo_loss, make_logprob_fn
+
+    cfg = _cfg(**{"grpo.batch_size": 4, "grpo.group_size": 4, "grpo.minibatches": 2, "grpo.max_len": 256})
+    mcfg = model_config(cfg)
+    g = cfg.grpo
+    est = estimate(cfg, mcfg, (1, 1, 1), "grpo")
+    rows, T = g.batch_size * g.group_size, bucket(g.max_len)
+    per = rows // g.minibatches
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+    mb = {"tokens": i32(1, per, T), "segment_ids": i32(1, per, T), "positions": i32(1, per, T), "mask": f32(1, per, T),
+          "old_logp": f32(1, per, T - 1), "ref_logp": f32(1, per, T - 1), "adv": f32(1, per)}
+    measured = _measure_train_step(cfg, mcfg, make_grpo_loss(mcfg, g), mb, g.optim)
+    planned = est["params"] + est["optimizer"] + est["gradients"] + est["activations"]
+    assert abs(planned - measured) / measured < 0.25, (planned / 2**20, measured / 2**20)
+    # the no-grad log-prob forward over all B x G episodes
+    params = jax.eval_shape(lambda: init_params(mcfg, jax.random.key(0)))
+    fwd = make_logprob_fn(mcfg, g.temperature).lower(params, i32(rows, T), i32(rows, T), i32(rows, T)).compile()
+    measured = _peak(fwd)
+    planned = est["params"] + est["logprob_forward"]
+    assert abs(planned - measured) / measured < 0.25, (planned / 2**20, measured / 2**20)
+
+
+def test_param_sharding_matches_real_shardings():
+    out = run_with_devices(
+        """
+        import json, math, jax
+        from mtr_jax.model.qwen2 import Qwen2Config
+        from mtr_jax.parallel.mesh import make_mesh
+        from mtr_jax.parallel.rules import param_shardings
+        from mtr_jax.model.qwen2 import param_specs
+        from mtr_jax.plan import param_elems_per_device
+        cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        res = []
+        for sizes in [(8, 1, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2), (1, 1, 8)]:
+            mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), sizes)))
+            sh = param_shardings(cfg, mesh)
+            specs = jax.tree_util.tree_leaves(param_specs(cfg), is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[1], tuple))
+            real = sum(math.prod(s.shard_shape(sp[0])) for s, sp in zip(jax.tree_util.tree_leaves(sh), specs))
+            res.append((real, param_elems_per_device(cfg, sizes)[1]))
+        print(json.dumps(res))
+        """
+    )
+    pairs = json.loads(out.strip().splitlines()[-1])
+    assert all(a == b for a, b in pairs), pairs
+    assert len({a for a, _ in pairs}) > 2  # the meshes really shard differently
+
+
+def test_accelerators():
+    assert parse_accelerator("v5e-8")[:2] == ("v5e", 8)
+    assert parse_accelerator("v5litepod-16")[:2] == ("v5e", 16)
+    assert parse_accelerator("v4-8")[:2] == ("v4", 4)  # v4 names count TensorCores: 4 chips
+    assert parse_accelerator("v5p-16")[:2] == ("v5p", 8)
+    assert parse_accelerator("h100x8") == ("h100", 8, 80 * GiB)
+    assert parse_accelerator("v6e")[2] == 32 * GiB and parse_accelerator("h200")[2] == 141 * GiB
+    for bad in ("v9", "tpu", "a100", "v4-7"):
+        with pytest.raises(MtrError):
+            parse_accelerator(bad)
+
+
+def test_does_not_fit_and_bad_mesh():
+    big = {"model.preset": "qwen2.5-7b", "model.arch": {}, "run.accelerator": "v5e-8", "sft.seq_len": 4096}
+    res = make_plan(_cfg(**big), ["sft"])
+    assert not res["fits"] and res["stages"]["sft"]["peak"] > 16 * GiB
+    assert res["n_params"] == pytest.approx(7.6e9, rel=0.02)  # Qwen2.5-7B: 7.62B parameters
+    with pytest.raises(MtrError, match="does not divide|do not divide"):
+        make_plan(_cfg(**{"run.accelerator": "v5e-8", "mesh.fsdp": 3}))
+    with pytest.raises(MtrError, match="rows do not split"):
+        make_plan(_cfg(**{"run.accelerator": "v5e-8", "sft.batch_size": 4}), ["sft"])
+
+
+def test_cli_exit_codes(tmp_path):
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "mtr_jax.cli", "plan", *argv], cwd=REPO, capture_output=True, text=True)
+
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(yaml.safe_dump({"model": {"preset": "qwen2.5-0.5b", "remat": True, "scan_layers": True, "dtype": "bfloat16"},
+                                  "mesh": {"data": 1, "fsdp": -1}, "run": {"accelerator": "v5e-8"},
+                                  "sft": {"batch_size": 8, "seq_len": 1024},
+                                  "grpo": {"batch_size": 4, "group_size": 4, "max_len": 1024}}))
+    p = run("--config", str(ok))
+    assert p.returncode == 0, p.stderr
+    assert "SFT: FITS" in p.stdout and "GRPO: FITS" in p.stdout and "parameters" in p.stdout
+    p = run("--config", str(ok), "--json", "--stage", "sft")
+    assert json.loads(p.stdout)["stages"]["sft"]["fits"] is True
+    p = run("--config", str(ok), "run.accelerator=v7x-9000")
+    assert p.returncode == 2 and "unknown accelerator" in p.stderr and "Traceback" not in p.stderr
+    p = run("--config", str(ok), "sft.seq_len=32768", "--stage", "sft")
+    assert p.returncode == 2 and "DOES NOT FIT" in p.stdout and "does not fit" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (pathlib.Path(REPO) / "configs").glob("*.yaml")))
+def test_every_shipped_config_plans(path):
+    from mtr_jax.config import load_config
+
+    cfg = load_config(path)
+    res = make_plan(cfg)
+    assert res["n_params"] > 0 and all(v["peak"] > 0 for v in res["stages"].values())
