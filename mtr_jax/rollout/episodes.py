@@ -13,7 +13,6 @@ plain (temperature-1) log-probs on those tokens, the structured trace (the trace
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import jax
@@ -39,8 +38,9 @@ class Episode:
     calls_valid: list = field(default_factory=list)  # one bool per tool call
     messages: list = field(default_factory=list)  # trace JSON messages
     answer: str | None = None
-    end_reason: str = ""  # answer | error | max_turns | max_len | length
-    counters: dict = field(default_factory=lambda: {"turns": 0, "tool_calls": 0, "invalid_calls": 0, "tool_errors": 0})
+    end_reason: str = ""  # answer | max_turns | max_len | length (a turn without EOS) | cache_full
+    counters: dict = field(default_factory=lambda: {"turns": 0, "tool_calls": 0, "invalid_calls": 0, "tool_errors": 0,
+                                                     "format_errors": 0})
 
     def trace(self) -> dict:
         return {
@@ -50,8 +50,9 @@ class Episode:
 
 
 def _observation_text(obs) -> str:
-    content = obs.content if hasattr(obs, "content") else obs
-    return content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+    if hasattr(obs, "content"):
+        return trace_render.observation_text(obs.content)
+    return obs if isinstance(obs, str) else trace_render.observation_text(obs)
 
 
 def run_episodes(
@@ -96,6 +97,7 @@ def run_episodes(
             break
         state, out = sampler.generate(params, state, max_new_tokens=budget, sampling=sampling, key=sub, active=active)
         pending = []  # (row, call, tools, record)
+        format_errors: dict[int, str] = {}
         appended: list[list[int]] = [[] for _ in range(n)]
         for i in np.nonzero(active)[0]:
             e = eps[i]
@@ -118,11 +120,17 @@ def run_episodes(
                 for call in parsed.calls:
                     pending.append((i, call, e.tools, e.record))
             else:
-                e.end_reason, done[i] = "error", True
+                # a malformed turn gets an error observation the model can act on, like a bad call
+                e.counters["format_errors"] = e.counters.get("format_errors", 0) + 1
+                format_errors[i] = trace_render.observation_text(parsed.error_observation())
+        per_row: dict[int, list[str]] = {}
+        for i, text in format_errors.items():
+            eps[i].observations.append(text)
+            eps[i].messages.append({"role": "tool", "name": "", "content": text})
+            per_row[i] = [text]
         # one batched ToolActor call for the whole turn
         if pending:
             observations = actor.observe_batch([(c, t, r) for _, c, t, r in pending])
-            per_row: dict[int, list[str]] = {}
             for (i, call, tools, _), obs in zip(pending, observations):
                 e = eps[i]
                 e.counters["tool_calls"] += 1
@@ -137,19 +145,21 @@ def run_episodes(
                 e.observations.append(text)
                 e.messages.append({"role": "tool", "name": call.get("name", ""), "content": text})
                 per_row.setdefault(i, []).append(text)
-            for i, texts in per_row.items():
-                ids = trace_render.tool_turn_ids(tokenizer, texts)
-                e = eps[i]
-                # the next turn needs room for the tool turn and at least one generated token
-                if len(e.token_ids) + len(ids) + 1 > max_len or turn == max_turns - 1:
-                    e.end_reason, done[i] = ("max_len" if turn < max_turns - 1 else "max_turns"), True
-                    continue
-                appended[i] = ids
-                e.token_ids += ids
-                e.loss_mask += [0] * len(ids)
-                e.logprobs += [0.0] * len(ids)
+        for i, texts in per_row.items():
+            ids = trace_render.tool_turn_ids(tokenizer, texts)
+            e = eps[i]
+            # the next turn needs room for the tool turn and at least one generated token
+            if len(e.token_ids) + len(ids) + 1 > max_len or turn == max_turns - 1:
+                e.end_reason, done[i] = ("max_len" if turn < max_turns - 1 else "max_turns"), True
+                continue
+            appended[i] = ids
+            e.token_ids += ids
+            e.loss_mask += [0] * len(ids)
+            e.logprobs += [0.0] * len(ids)
         if any(appended):
             state = sampler.append(params, state, appended)
+        elif not (~done).any():
+            break
     for i in range(n):
         if not done[i]:
             eps[i].end_reason = "max_turns"
