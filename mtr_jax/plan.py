@@ -54,19 +54,6 @@ NO_REMAT = (2.96, 7.16, 2.95)
 REMAT = (2.57, 8.5, 1.67)
 FORWARD = (1.8, 1.7, 2.7)  # no-grad log-prob forward (GRPO old/ref log-probs)
 
-# Qwen2.5 shapes, used when configs/model/<preset>.yaml is not there (field names as HF Qwen2Config).
-_BUILTIN_PRESETS = {
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True),
-    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                       num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
-}
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -120,40 +107,16 @@ def _host_ram() -> float:
 
 
 def model_config(cfg):
-    """Qwen2Config of a run config: HF dir in model.init_from, else model.preset (configs/model/
-    <preset>.yaml, an HF config.json / dir, or a built-in Qwen2.5 shape), then model.arch overrides
-    and the dtype / remat / scan settings of `model:`."""
-    from mtr_jax.config import CONFIG_DIR, read_yaml
-    from mtr_jax.model.qwen2 import Qwen2Config
+    """Qwen2Config of a run config (model/presets.py). An `init_from` that is not a local path
+    (e.g. a hub id not downloaded yet) is ignored: planning needs only the preset's shapes."""
+    import dataclasses
+
+    from mtr_jax.model.presets import resolve_model_config
 
     m = cfg.model
-    fields = set(Qwen2Config.__dataclass_fields__)
-    base: dict = {}
-    init = pathlib.Path(m.init_from) if m.init_from else None
-    preset_file = CONFIG_DIR / "model" / f"{m.preset}.yaml"
-    if init is not None and (init / "config.json").exists():
-        base = dict(vars(Qwen2Config.from_file(init)))
-    elif preset_file.exists():
-        data = read_yaml(preset_file)
-        data = {**data, **(data.get("arch") or {})} if isinstance(data.get("arch"), dict) else data
-        base = {k: v for k, v in data.items() if k in fields}
-        if not base:
-            raise MtrError(f"{preset_file}: no Qwen2Config fields (hidden_size, num_hidden_layers, ...)")
-    elif m.preset and pathlib.Path(m.preset).exists():
-        base = dict(vars(Qwen2Config.from_file(m.preset)))
-    elif m.preset.lower().removesuffix("-instruct") in _BUILTIN_PRESETS:
-        base = dict(_BUILTIN_PRESETS[m.preset.lower().removesuffix("-instruct")])
-    elif m.preset:
-        raise MtrError(
-            f"model.preset={m.preset!r}: no {preset_file}, no such file, and not a built-in shape "
-            f"({', '.join(_BUILTIN_PRESETS)})"
-        )
-    bad = [k for k in m.arch if k not in fields]
-    if bad:
-        raise MtrError(f"model.arch: unknown Qwen2Config fields {bad}")
-    base.update(m.arch)
-    base.update(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
-    return Qwen2Config(**{k: v for k, v in base.items() if k in fields})
+    if m.init_from and not pathlib.Path(m.init_from).expanduser().exists():
+        m = dataclasses.replace(m, init_from="")
+    return resolve_model_config(m)
 
 
 # ------------------------------------------------------------------------------------------------
