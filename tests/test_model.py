@@ -125,3 +125,22 @@ def test_presets_match_official_parameter_counts():
         resolve_model_config(ModelConfig(arch={"hiden_size": 8}))
     with pytest.raises(MtrError, match="model.preset 'qwen9'"):
         resolve_model_config(ModelConfig(preset="qwen9"))
+
+
+def test_bf16_gradients_track_float32():
+    """bf16 compute runs its backward matmuls in bf16 (custom VJP); the gradients must still be
+    the float32 gradients up to bf16 rounding, for every parameter."""
+    cfg = tiny_config(tie_word_embeddings=False)
+    params = qwen2.init_params(cfg, jax.random.key(5), std=0.1)
+    ids = np.random.RandomState(6).randint(0, 256, (2, 16))
+
+    def loss(p, c):
+        lp = jax.nn.log_softmax(qwen2.forward(p, c, ids)[:, :-1], -1)
+        return -jnp.take_along_axis(lp, ids[:, 1:, None], -1).mean()
+
+    g32 = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg)
+    g16 = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg.replace(dtype="bfloat16"))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g32), jax.tree_util.tree_leaves(g16)):
+        assert b.dtype == a.dtype == jnp.float32, path
+        rel = float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(a) + 1e-12))
+        assert rel < 3e-2, (path, rel)

@@ -1,0 +1,166 @@
+"""`mtr bench forward`: training-step throughput (forward + backward of the token-mean cross-entropy,
+tokens/s) of a ~40M-parameter Qwen2 (hidden 512, 8 layers, 8 heads, 2 KV heads, MLP 1408,
+vocab 32000), batch 8 x 256, ours (jitted JAX) vs transformers' PyTorch Qwen2ForCausalLM (eager)
+on the same shape, batch and thread count, in float32 and bfloat16, in the same run.
+
+bfloat16: ours keeps float32 master weights and computes in bf16 with f32 accumulation (what
+training does); the peer runs the whole model in bf16 (`model.to(torch.bfloat16)`), its fastest
+CPU setting. MFU = model FLOPs per second / the measured peak of a large matmul in that dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtr_jax.errors import MtrError
+from mtr_jax.model import qwen2
+
+SHAPE = dict(
+    vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+    num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=False,
+)
+BATCH, SEQ = 8, 256
+
+
+def _log(msg: str) -> None:
+    print(f"[bench forward] {msg}", file=sys.stderr, flush=True)
+
+
+def _threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _time(fn, warmup: int, iters: int) -> float:
+    """Median seconds per call (after `warmup` calls)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def step_flops(cfg: qwen2.Qwen2Config, batch: int, seq: int) -> float:
+    """Matmul FLOPs of forward + backward (3x forward) for one batch; attention over all T keys
+    (both implementations compute the full score matrix, masked)."""
+    E, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    Q = cfg.num_attention_heads * cfg.head_dim
+    K = cfg.num_key_value_heads * cfg.head_dim
+    per_token_layer = 2 * (E * Q + 2 * E * K + Q * E + 3 * E * I) + 2 * 2 * seq * Q
+    fwd = batch * seq * (L * per_token_layer + 2 * E * V)
+    return 3.0 * fwd
+
+
+def matmul_peak(dtype: str, n: int = 2048, iters: int = 5) -> float:
+    """FLOP/s of an n x n x n jnp matmul in `dtype` (f32 accumulation), best of `iters`."""
+    dt = qwen2.DTYPES[dtype]
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dt)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dt)
+    f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def ours_step(cfg: qwen2.Qwen2Config, params, tokens):
+    def loss_fn(p, tokens):
+        logits = qwen2.forward(p, cfg, tokens)
+        lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        nll = -jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+        return nll.mean()
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+    return lambda: float(jax.block_until_ready(grad_fn(params, tokens))[0])
+
+
+def peer_step(cfg: qwen2.Qwen2Config, params, tokens, dtype: str):
+    import torch
+    from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
+
+    hf = HFConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("dtype", "architectures", "model_type")})
+    from mtr_jax.model.hf_io import hf_names
+
+    model = Qwen2ForCausalLM(hf)
+    sd = {}
+    for path, (names, transpose) in hf_names(cfg).items():  # same weights as ours
+        arr = params
+        for p in path:
+            arr = arr[p]
+        arr = np.asarray(arr, np.float32)
+        for i, n in enumerate(names):
+            a = arr[i] if path[0] == "layers" else arr
+            sd[n] = torch.from_numpy(np.ascontiguousarray(a.T if transpose else a))
+    model.load_state_dict(sd, strict=True)
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model.train()
+    ids = torch.from_numpy(np.asarray(tokens).astype(np.int64))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return float(out.loss)
+
+    return step
+
+
+def run(args) -> dict:
+    dtypes = [args.dtype] if getattr(args, "dtype", None) else ["float32", "bfloat16"]
+    for d in dtypes:
+        if d not in ("float32", "bfloat16"):
+            raise MtrError(f"--dtype {d}: expected float32 or bfloat16")
+    quick = bool(getattr(args, "quick", False))
+    warmup, iters = (1, 2) if quick else (2, 5)
+    threads = _threads()
+    import torch
+
+    torch.set_num_threads(threads)
+    dev = jax.devices()[0]
+    device = f"{dev.platform}:{getattr(dev, 'device_kind', dev.platform)} x{jax.device_count()}, {threads} threads"
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, SHAPE["vocab_size"], (BATCH, SEQ)), jnp.int32)
+    res: dict = {"workload": "forward", "unit": "tokens/s", "device": device, "shape": dict(SHAPE, batch=BATCH, seq=SEQ)}
+    for dtype in dtypes:
+        cfg = qwen2.Qwen2Config(**SHAPE, dtype=dtype, param_dtype="float32")
+        params = jax.jit(qwen2.init_params, static_argnums=0)(cfg, jax.random.key(0))
+        flops = step_flops(cfg, BATCH, SEQ)
+        _log(f"{dtype}: matmul peak")
+        peak = matmul_peak(dtype)
+        _log(f"{dtype}: ours (compile + {warmup} warm-up + {iters} timed steps)")
+        ours = ours_step(cfg, params, tokens)
+        t_ours = _time(ours, warmup, iters)
+        _log(f"{dtype}: ours {BATCH * SEQ / t_ours:.0f} tokens/s; peer transformers torch {torch.__version__}")
+        peer = peer_step(cfg, params, tokens, dtype)
+        t_peer = _time(peer, warmup, iters)
+        loss_diff = abs(ours() - peer())  # same weights and batch: the same workload, not just the same shape
+        _log(f"{dtype}: peer {BATCH * SEQ / t_peer:.0f} tokens/s")
+        res[dtype] = {
+            "ours": BATCH * SEQ / t_ours,
+            "peer": BATCH * SEQ / t_peer,
+            "ratio": t_peer / t_ours,
+            "ours_step_s": t_ours,
+            "peer_step_s": t_peer,
+            "matmul_peak_gflops": peak / 1e9,
+            "ours_mfu": flops / t_ours / peak,
+            "peer_mfu": flops / t_peer / peak,
+            "loss_abs_diff": loss_diff,
+        }
+    head = res[dtypes[0]]  # headline: float32 (or the one --dtype asked for); both are in the extras
+    res.update(ours=head["ours"], peer=head["peer"], ratio=head["ratio"], headline_dtype=dtypes[0],
+               peer_name=f"transformers {__import__('transformers').__version__} PyTorch {torch.__version__} eager Qwen2ForCausalLM")
+    return res
