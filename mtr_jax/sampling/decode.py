@@ -46,7 +46,10 @@ def forward_chunk(params, cfg: Qwen2Config, k_cache, v_cache, end, tokens, lengt
         h, (kc, vc) = _layer(cfg, h, lw, positions, mask, kv_write)
         return h, kc, vc
 
-    if cfg.scan_layers:
+    if isinstance(params["layers"], (list, tuple)):  # unstacked per-layer weights (see unstack_layers)
+        for i, lw in enumerate(params["layers"]):
+            h, k_cache, v_cache = layer(h, lw, i, k_cache, v_cache)
+    elif cfg.scan_layers:
         def body(carry, xs):
             h, kc, vc = carry
             lw, i = xs
@@ -60,6 +63,16 @@ def forward_chunk(params, cfg: Qwen2Config, k_cache, v_cache, end, tokens, lengt
             h, k_cache, v_cache = layer(h, lw, i, k_cache, v_cache)
     logits = _head(cfg, params, h) if want_logits else None
     return logits, k_cache, v_cache, end + lengths.astype(jnp.int32)
+
+
+def unstack_layers(params):
+    """params with `layers` as a list of per-layer dicts. Slicing a stacked [L, ...] weight inside
+    the decode loop makes XLA:CPU copy every layer's weights on every step (3x the memory traffic
+    of a decode step); slicing once before the loop costs one copy of the layer weights per
+    `generate` call (and that much extra memory while it runs)."""
+    layers = params["layers"]
+    L = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    return dict(params, layers=[jax.tree_util.tree_map(lambda a: a[i], layers) for i in range(L)])
 
 
 # --------------------------------------------------------------------------------------------

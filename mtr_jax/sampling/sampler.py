@@ -110,12 +110,13 @@ class Sampler:
     """Jitted sampler over a Qwen2 `config`. Per instance: cache_len (max tokens a row may hold),
     eos_ids and stop_sequences (token-id sequences checked per row on the tokens generated in the
     current `generate` call), pad_id for outputs, cache_dtype (default: compute dtype; bf16
-    halves memory), mesh (optional), and bucket lists (ascending ints)."""
+    halves memory), mesh (optional), bucket lists (ascending ints), and unstack_layers (decode
+    over per-layer weight copies; default: on the CPU backend, where it is ~3x faster)."""
 
     def __init__(self, config: Qwen2Config, *, cache_len: int, eos_ids: Sequence[int],
                  stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0, cache_dtype=None, mesh=None,
                  prompt_buckets: Sequence[int] | None = None, batch_buckets: Sequence[int] | None = None,
-                 new_token_buckets: Sequence[int] | None = None):
+                 new_token_buckets: Sequence[int] | None = None, unstack_layers: bool | None = None):
         self.cfg = config
         V = config.vocab_size
         if cache_len <= 1:
@@ -139,6 +140,8 @@ class Sampler:
         self.eos_ids, self.stop_sequences, self.pad_id = eos_ids, tuple(stops), int(pad_id)
         self.cache_dtype = cache_dtype or config.compute_dtype
         self.mesh = mesh
+        # decode loop over per-layer weight copies: default on CPU only (see decode.unstack_layers)
+        self.unstack_layers = (jax.default_backend() == "cpu") if unstack_layers is None else bool(unstack_layers)
         self.batch_axes = tuple(a for a in BATCH_AXES if mesh is not None and a in mesh.axis_names)
         self.batch_multiple = int(np.prod([mesh.shape[a] for a in self.batch_axes])) if self.batch_axes else 1
         self.prompt_buckets = tuple(sorted(prompt_buckets or _pow2_buckets(16, self.cache_len)))
@@ -204,6 +207,8 @@ class Sampler:
 
     def _generate_impl(self, params, cache, pending, active, max_new, key, temperature, top_k, top_p, greedy, *,
                        out_len, all_greedy, use_filter):
+        if self.unstack_layers:
+            params = decode.unstack_layers(params)
         return decode.decode_loop(
             params, self.cfg, cache, pending, active, max_new, key, temperature, top_k, top_p, greedy,
             out_len=out_len, eos_ids=self.eos_ids, stop_seqs=self.stop_sequences, all_greedy=all_greedy,

@@ -1,0 +1,224 @@
+"""`mtr bench sample`: our jitted sampler against transformers' `generate` (PyTorch), same run.
+
+Workload (the issue's): Qwen2 hidden 512, 8 layers, 8/2 heads, intermediate 1408, vocab 32000
+(~40M params, tied embeddings), batch 16, prompt 64, 128 new tokens, greedy, float32, the same
+random weights loaded into both. Reported:
+- tokens/s (batch * new tokens / wall time of prefill + decode), ours vs transformers (PyTorch on
+  the XLA client's thread count or 1 thread, whichever is faster here), ratio = ours / peer;
+- decode time per step vs the memory-bandwidth bound: weight bytes / measured copy bandwidth
+  (a decode step must read every weight once);
+- multi-turn: 4 turns of 32 generated + 48 appended tokens, our continuation (KV cache extended)
+  vs re-prefilling the whole history each turn (ours both ways).
+`--quick` runs a smaller shape with fewer repeats (a smoke check, minutes -> seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from mtr_jax.model import qwen2
+from mtr_jax.sampling import Sampler, SamplingParams
+
+GREEDY = SamplingParams(greedy=True)
+
+
+def _shapes(quick: bool) -> dict:
+    if quick:
+        return dict(model=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=704, vocab_size=8000),
+                    batch=8, prompt=32, new=32, turns=2, turn_new=16, turn_append=24, repeats=2)
+    return dict(model=dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                           intermediate_size=1408, vocab_size=32000),
+                batch=16, prompt=64, new=128, turns=4, turn_new=32, turn_append=48, repeats=3)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench sample] {msg}", file=sys.stderr, flush=True)
+
+
+def _best(fn, repeats: int) -> float:
+    """Best wall time of `repeats` calls (after the caller warmed fn up)."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def copy_bandwidth(nbytes: int = 256 << 20) -> float:
+    """Measured memory bandwidth in bytes/s on the JAX default device: a copy reads and writes
+    nbytes, so traffic = 2 * nbytes. CPU: NumPy copy (the same DRAM XLA reads weights from)."""
+    if jax.default_backend() == "cpu":
+        src = np.ones(nbytes // 4, np.float32)
+        dst = np.empty_like(src)
+        np.copyto(dst, src)
+        return 2 * nbytes / _best(lambda: np.copyto(dst, src), 5)
+    x = jax.numpy.ones((nbytes // 4,), jax.numpy.float32)
+    f = jax.jit(lambda a: a * 1.0)
+    f(x).block_until_ready()
+    return 2 * nbytes / _best(lambda: f(x).block_until_ready(), 5)
+
+
+def _torch_model(params, cfg):
+    import torch
+    import transformers
+
+    hf = transformers.Qwen2Config(**{k: v for k, v in cfg.to_hf_dict("float32").items() if k != "dtype"})
+    model = transformers.Qwen2ForCausalLM(hf).eval().to(torch.float32)
+    t = lambda a: torch.from_numpy(np.array(a, np.float32))
+    lay = params["layers"]
+    sd = {"model.embed_tokens.weight": t(params["embed"]), "model.norm.weight": t(params["final_norm"]),
+          "lm_head.weight": t(params["embed"])}
+    for i in range(cfg.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        sd[pre + "input_layernorm.weight"] = t(lay["input_norm"][i])
+        sd[pre + "post_attention_layernorm.weight"] = t(lay["post_norm"][i])
+        for n in "qkv":
+            sd[pre + f"self_attn.{n}_proj.weight"] = t(lay[f"{n}_w"][i]).T.contiguous()
+            sd[pre + f"self_attn.{n}_proj.bias"] = t(lay[f"{n}_b"][i])
+        sd[pre + "self_attn.o_proj.weight"] = t(lay["o_w"][i]).T.contiguous()
+        for n in ("gate", "up", "down"):
+            sd[pre + f"mlp.{n}_proj.weight"] = t(lay[f"{n}_w"][i]).T.contiguous()
+    model.load_state_dict(sd, strict=False)
+    model.tie_weights()
+    return model
+
+
+def run(args) -> dict:
+    quick = bool(getattr(args, "quick", False))
+    dtype = getattr(args, "dtype", None) or "float32"
+    sh = _shapes(quick)
+    cfg = qwen2.Qwen2Config(**sh["model"], max_position_embeddings=4096, rope_theta=10000.0,
+                            tie_word_embeddings=True, dtype=dtype, param_dtype=dtype)
+    B, T, N, R = sh["batch"], sh["prompt"], sh["new"], sh["repeats"]
+    params = jax.device_put(qwen2.init_params(cfg, jax.random.key(0)))
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
+    weight_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
+    rng = np.random.default_rng(0)
+    prompts = [list(map(int, rng.integers(1, cfg.vocab_size, T))) for _ in range(B)]
+    threads = os.cpu_count() or 1
+    _log(f"{n_params / 1e6:.1f}M params, batch {B}, prompt {T}, new {N}, {dtype}, device {jax.devices()[0]}")
+
+    # ---- ours: one generation = start (prefill) + generate (decode loop); both block on results
+    sampler = Sampler(cfg, cache_len=T + N, eos_ids=[])
+
+    def ours():
+        st = sampler.start(params, prompts)
+        jax.block_until_ready(st.cache["k"])
+        t = time.perf_counter()
+        st, out = sampler.generate(params, st, max_new_tokens=N, sampling=GREEDY, key=0)
+        return time.perf_counter() - t, out
+
+    ours()  # compile
+    _log(f"compiled ({sampler.compiled_programs()} programs)")
+    best_total, best_decode, our_tokens = float("inf"), float("inf"), None
+    for _ in range(R):
+        t0 = time.perf_counter()
+        t_dec, out = ours()
+        best_total = min(best_total, time.perf_counter() - t0)
+        best_decode = min(best_decode, t_dec)
+        our_tokens = out.tokens
+    ours_tps = B * N / best_total
+    _log(f"ours: {best_total:.3f}s, {ours_tps:.1f} tokens/s, decode {1e3 * best_decode / N:.2f} ms/step")
+
+    # ---- peer: transformers generate, PyTorch CPU. Threads: the XLA client's count (all cores) and
+    # 1 are both probed and the faster is used (on a shared, oversubscribed CPU PyTorch's spinning
+    # OpenMP threads can be 20x slower with 2 threads than with 1: we compare against its best).
+    import torch
+
+    model = _torch_model(params, cfg)
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+
+    def peer(n=N):
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    probe = {}
+    for th in sorted({threads, 1}):
+        torch.set_num_threads(th)
+        peer(4)
+        probe[th] = _best(lambda: peer(8), 2)
+    peer_threads = min(probe, key=probe.get)
+    torch.set_num_threads(peer_threads)
+    _log(f"transformers thread probe (s for 8 tokens): {probe} -> {peer_threads} threads")
+    peer()  # warm-up
+    hf_time = _best(peer, R)
+    hf_tokens = peer()[:, T:].numpy()
+    peer_tps = B * N / hf_time
+    _log(f"transformers: {hf_time:.3f}s, {peer_tps:.1f} tokens/s")
+    # agreement until the first differing token per row (random weights have near-ties late on)
+    diverge = [int(np.argmax(np.append(a != b, True))) for a, b in zip(our_tokens, hf_tokens)]
+
+    # ---- bandwidth bound of a decode step
+    bw = copy_bandwidth()
+    bound_ms = 1e3 * weight_bytes / bw
+    step_ms = 1e3 * best_decode / N
+
+    # ---- multi-turn: continuation vs re-prefill of the whole history each turn (ours both ways)
+    turns, tn, ta = sh["turns"], sh["turn_new"], sh["turn_append"]
+    mt_len = T + turns * (tn + ta)
+    mt = Sampler(cfg, cache_len=mt_len, eos_ids=[])
+    tool = [[list(map(int, rng.integers(1, cfg.vocab_size, ta))) for _ in range(B)] for _ in range(turns)]
+
+    def continuation():
+        st = mt.start(params, prompts)
+        for k in range(turns):
+            st, _ = mt.generate(params, st, max_new_tokens=tn, sampling=GREEDY, key=k)
+            st = mt.append(params, st, tool[k])
+        jax.block_until_ready(st.pending)
+
+    def reprefill():
+        hist = [list(p) for p in prompts]
+        for k in range(turns):
+            st = mt.start(params, hist)
+            st, out = mt.generate(params, st, max_new_tokens=tn, sampling=GREEDY, key=k)
+            hist = [h + list(map(int, out.tokens[i])) + tool[k][i] for i, h in enumerate(hist)]
+
+    continuation(), reprefill()  # compile every bucket both use
+    t_cont, t_re = _best(continuation, R), _best(reprefill, R)
+    _log(f"multi-turn: continuation {t_cont:.3f}s, re-prefill {t_re:.3f}s")
+
+    dev = jax.devices()[0]
+    return {
+        "workload": "sample",
+        "unit": "tokens/s",
+        "ours": round(ours_tps, 2),
+        "peer": round(peer_tps, 2),
+        "peer_name": f"transformers {__import__('transformers').__version__} generate (PyTorch {torch.__version__}, "
+                     f"{peer_threads} of {threads} threads, greedy)",
+        "ratio": round(ours_tps / peer_tps, 3),
+        "device": f"{dev.platform}:{getattr(dev, 'device_kind', dev.platform)} ({threads} cores)",
+        "shape": dict(sh["model"], batch=B, prompt=T, new_tokens=N, dtype=dtype, params_M=round(n_params / 1e6, 2)),
+        "ours_s": round(best_total, 4),
+        "peer_thread_probe_s": {str(k): round(v, 4) for k, v in probe.items()},
+        "peer_s": round(hf_time, 4),
+        "decode_ms_per_step": round(step_ms, 3),
+        "bandwidth_GBps": round(bw / 1e9, 2),
+        "weights_MB": round(weight_bytes / 1e6, 1),
+        "bandwidth_bound_ms_per_step": round(bound_ms, 3),
+        "fraction_of_bound": round(bound_ms / step_ms, 3),
+        "greedy_tokens_equal_before_first_divergence": f"{sum(diverge)}/{B * N}",
+        "multi_turn": {
+            "turns": turns, "generated_per_turn": tn, "appended_per_turn": ta,
+            "continuation_s": round(t_cont, 4), "reprefill_s": round(t_re, 4), "speedup": round(t_re / t_cont, 3),
+        },
+        "compiled_programs": sampler.compiled_programs() + mt.compiled_programs(),
+    }
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dtype", default=None)
+    print(json.dumps(run(ap.parse_args()), indent=1))
