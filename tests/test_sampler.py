@@ -225,6 +225,24 @@ def test_eos_and_cache_full():
         s.append(PARAMS, st, [[], [1]])
 
 
+def test_stacked_scan_and_bf16_cache_paths(sampler):
+    """Decoding over stacked weights (plain loop and lax.scan over layers, as on GPU/TPU) gives the
+    unstacked CPU default's tokens; a bf16 KV cache stays close (same first tokens)."""
+    st = sampler.start(PARAMS, PROMPTS)
+    _, ref = sampler.generate(PARAMS, st, max_new_tokens=16, sampling=GREEDY, key=0)
+    for cfg, unstack in ((CFG, False), (CFG.replace(scan_layers=True), False)):
+        s = Sampler(cfg, cache_len=256, eos_ids=[], unstack_layers=unstack)
+        _, o = s.generate(PARAMS, s.start(PARAMS, PROMPTS), max_new_tokens=16, sampling=GREEDY, key=0)
+        np.testing.assert_array_equal(o.tokens, ref.tokens)
+        np.testing.assert_allclose(o.plain_logprobs, ref.plain_logprobs, atol=1e-5)
+    s = Sampler(CFG, cache_len=256, eos_ids=[], cache_dtype=jnp.bfloat16)
+    st = s.start(PARAMS, PROMPTS)
+    assert st.cache["k"].dtype == jnp.bfloat16
+    _, o = s.generate(PARAMS, st, max_new_tokens=16, sampling=GREEDY, key=0)
+    np.testing.assert_array_equal(o.tokens[:, :4], ref.tokens[:, :4])
+    np.testing.assert_allclose(o.plain_logprobs[:, 0], ref.plain_logprobs[:, 0], atol=2e-2)
+
+
 def test_no_recompilation_across_batches():
     s = Sampler(CFG, cache_len=128, eos_ids=[3], stop_sequences=[[9, 9]])
     compiles = []
