@@ -179,6 +179,11 @@ def _check_leaf(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise MtrError(f"config key '{key}': expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

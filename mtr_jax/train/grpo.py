@@ -23,7 +23,7 @@ from mtr_jax.errors import MtrError
 from mtr_jax.train import losses
 from mtr_jax.train.metrics import MetricsLogger
 from mtr_jax.train.optim import make_optimizer
-from mtr_jax.train.step import make_train_step, split_micro
+from mtr_jax.train.step import make_train_step, put_micro_batches, split_micro
 
 
 def bucket(n: int, minimum: int = 64) -> int:
@@ -173,11 +173,7 @@ class GRPOTrainer:
                 mb = {k: v[sl] for k, v in data.items()}
                 n_real = max(0, min(n, (j + 1) * per) - j * per)
                 denom = losses.grpo_denominator(mb["mask"][:, 1:], g.loss_agg, n_episodes=n_real)
-                mb = split_micro(mb, 1)
-                if self.mesh is not None:
-                    from mtr_jax.parallel.rules import batch_sharding
-
-                    mb = jax.device_put(mb, batch_sharding(self.mesh, 3))
+                mb = put_micro_batches(split_micro(mb, 1), self.mesh)
                 self.params, self.opt_state, met = self.step_fn(self.params, self.opt_state, mb, jnp.float32(denom))
                 met = jax.device_get(met)
                 toks = max(float(met["tokens"]), 1.0)

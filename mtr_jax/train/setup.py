@@ -19,6 +19,8 @@ def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
     path = cfg.model.tokenizer
+    if cfg.model.init_from and not os.path.exists(cfg.model.init_from):
+        raise MtrError(f"model.init_from: not found: {cfg.model.init_from}")
     if not path and cfg.model.init_from:
         src = pathlib.Path(cfg.model.init_from)
         if (src / "tokenizer_config.json").exists():

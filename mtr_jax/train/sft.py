@@ -24,7 +24,7 @@ from mtr_jax.errors import MtrError
 from mtr_jax.train import losses
 from mtr_jax.train.metrics import MetricsLogger
 from mtr_jax.train.optim import make_optimizer
-from mtr_jax.train.step import make_train_step, split_micro
+from mtr_jax.train.step import make_train_step, put_micro_batches, split_micro
 
 
 def read_traces(path: str) -> list[dict]:
@@ -80,7 +80,6 @@ def train_sft(
     """Runs `cfg.sft.steps` optimiser steps; returns (params, last metrics). `stop_after` ends the
     loop early (tests: simulate a run that is cut short) without the final checkpoint."""
     from mtr_jax.data.pipeline import sft_batches
-    from mtr_jax.parallel.rules import batch_sharding
     from mtr_jax.train.checkpoint import Checkpointer
 
     s = cfg.sft
@@ -109,7 +108,6 @@ def train_sft(
         it.set_state(meta["data_state"])
         start = int(meta["step"])
     logger = MetricsLogger(run_dir, resume_step=start if resume else None)
-    in_sh = None if mesh is None else batch_sharding(mesh, 3)
     bar = _progress(s.steps, start, "sft", progress)
     metrics = {}
     t_last = time.perf_counter()
@@ -118,8 +116,7 @@ def train_sft(
         arrays = {k: batch[k] for k in ("tokens", "loss_mask", "segment_ids", "positions")}
         labels = arrays["loss_mask"][:, 1:] * (arrays["segment_ids"][:, 1:] == arrays["segment_ids"][:, :-1])
         denom = float(max(labels.sum(), 1))
-        mb = split_micro(arrays, s.grad_accum)
-        mb = jax.device_put(mb, in_sh) if in_sh is not None else mb
+        mb = put_micro_batches(split_micro(arrays, s.grad_accum), mesh)
         params, opt_state, m = step_fn(params, opt_state, mb, jnp.float32(denom))
         if step % cfg.run.log_every == 0 or step == s.steps:
             m = jax.device_get(m)
@@ -168,8 +165,8 @@ def cli(args) -> int:
     from mtr_jax.train.setup import load_tokenizer, setup_model
 
     cfg: Config = args.cfg
-    tokenizer = load_tokenizer(cfg)
     traces = read_traces(cfg.data.traces)
+    tokenizer = load_tokenizer(cfg)
     examples, dropped = traces_to_examples(tokenizer, traces, cfg.sft.seq_len)
     mesh, model_cfg, params = setup_model(cfg)
     print(f"sft: {len(examples)} traces ({dropped} dropped), {cfg.sft.steps} steps -> {cfg.run.out_dir}")

@@ -34,7 +34,7 @@ def make_train_step(loss_num, tx, donate: bool = True):
         first = jax.tree_util.tree_map(lambda x: x[0], batches)
         aux0 = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda p, mb: loss_num(p, mb)[1], params, first))
         (grads, loss, aux), _ = jax.lax.scan(micro, (zeros, jnp.float32(0.0), aux0), batches)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         grads = jax.tree_util.tree_map(lambda g: jnp.where(ok, g, 0.0), grads)
         updates, new_opt = tx.update(grads, opt_state, params)
@@ -46,6 +46,27 @@ def make_train_step(loss_num, tx, donate: bool = True):
         return new_params, new_opt, metrics
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def put_micro_batches(mb: dict, mesh):
+    """Place [A, b, ...] micro-batches: b split over the data-parallel axes (data, fsdp) when it
+    divides, A and the rest replicated. No mesh: left where it is."""
+    if mesh is None:
+        return mb
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from mtr_jax.parallel.rules import batch_sharding
+
+    def place(x):
+        spec = batch_sharding(mesh, 1).spec[0]
+        n = 1
+        for a in (spec if isinstance(spec, tuple) else (spec,) if spec else ()):
+            n *= mesh.shape[a]
+        if x.shape[1] % n:
+            spec = None
+        return jax.device_put(x, NamedSharding(mesh, P(None, spec, *([None] * (x.ndim - 2)))))
+
+    return {k: place(v) for k, v in mb.items()}
 
 
 def split_micro(batch: dict, accum: int) -> dict:
