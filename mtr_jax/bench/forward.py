@@ -39,16 +39,19 @@ def _threads() -> int:
         return os.cpu_count() or 1
 
 
-def _time(fn, warmup: int, iters: int) -> float:
-    """Median seconds per call (after `warmup` calls)."""
+def _time_pair(ours, peer, warmup: int, iters: int) -> tuple[float, float]:
+    """Median seconds per step of each, timed alternately (ours, peer, ours, ...) so a change in
+    machine load during the run hits both sides alike."""
     for _ in range(warmup):
-        fn()
-    ts = []
+        ours()
+        peer()
+    t_ours, t_peer = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+        for fn, ts in ((ours, t_ours), (peer, t_peer)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return float(np.median(t_ours)), float(np.median(t_peer))
 
 
 def step_flops(cfg: qwen2.Qwen2Config, batch: int, seq: int) -> float:
@@ -127,7 +130,7 @@ def run(args) -> dict:
         if d not in ("float32", "bfloat16"):
             raise MtrError(f"--dtype {d}: expected float32 or bfloat16")
     quick = bool(getattr(args, "quick", False))
-    warmup, iters = (1, 2) if quick else (2, 5)
+    warmup, iters = (1, 3) if quick else (2, 7)
     threads = _threads()
     import torch
 
@@ -142,14 +145,12 @@ def run(args) -> dict:
         flops = step_flops(cfg, BATCH, SEQ)
         _log(f"{dtype}: matmul peak")
         peak = matmul_peak(dtype)
-        _log(f"{dtype}: ours (compile + {warmup} warm-up + {iters} timed steps)")
         ours = ours_step(cfg, params, tokens)
-        t_ours = _time(ours, warmup, iters)
-        _log(f"{dtype}: ours {BATCH * SEQ / t_ours:.0f} tokens/s; peer transformers torch {torch.__version__}")
         peer = peer_step(cfg, params, tokens, dtype)
-        t_peer = _time(peer, warmup, iters)
         loss_diff = abs(ours() - peer())  # same weights and batch: the same workload, not just the same shape
-        _log(f"{dtype}: peer {BATCH * SEQ / t_peer:.0f} tokens/s")
+        _log(f"{dtype}: {warmup} warm-up + {iters} timed steps each, alternating ours / peer")
+        t_ours, t_peer = _time_pair(ours, peer, warmup, iters)
+        _log(f"{dtype}: ours {BATCH * SEQ / t_ours:.0f} tokens/s, peer {BATCH * SEQ / t_peer:.0f} tokens/s")
         res[dtype] = {
             "ours": BATCH * SEQ / t_ours,
             "peer": BATCH * SEQ / t_peer,
