@@ -140,7 +140,7 @@ def run(args) -> dict:
     # OpenMP threads can be 20x slower with 2 threads than with 1: we compare against its best).
     import torch
 
-    model = _torch_model(params, cfg)
+    model = _torch_model(params, cfg).to(getattr(torch, dtype))  # same dtype as ours
     ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
 
