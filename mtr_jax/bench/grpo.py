@@ -24,6 +24,7 @@ import os
 import pathlib
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -55,6 +56,10 @@ class _NoToolActor:
 
     def observe_batch(self, items):
         return ['{"error": "no tools in this benchmark"}' for _ in items]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)  # stdout is kept for the one JSON object
 
 
 def _device() -> str:
@@ -118,21 +123,22 @@ def run_ours(cfg, model_cfg, params, tok, records, toolmaker, warmup: int, iters
     cfg.grpo.max_len = max_prompt + cfg.grpo.max_new_tokens
     tr = GRPOTrainer(cfg, model_cfg, params, tok, records, _NoToolActor(), toolmaker, total_steps=warmup + iters)
     key = jax.random.PRNGKey(1)
-    its, roll, upd, lens, warm = [], [], [], [], []
+    its, cpu, roll, upd, lens, warm = [], [], [], [], [], []
     for i in range(warmup + iters):
         key, sub = jax.random.split(key)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         met, _, _ = tr.step(records, sub)
         jax.block_until_ready(tr.params)
-        dt = time.perf_counter() - t
+        dt, dc = time.perf_counter() - t, time.process_time() - c
         if i < warmup:
             warm.append(dt)
             continue
         its.append(dt)
+        cpu.append(dc)
         roll.append(met["rollout_s"])
         upd.append(met["update_s"])
         lens.append(met["response_len"])
-    return {"iteration_s": its, "warmup_s": warm, "iterations_per_s": len(its) / sum(its),
+    return {"iteration_s": its, "cpu_s": cpu, "warmup_s": warm, "iterations_per_s": len(its) / sum(its),
             "rollout_s": float(np.mean(roll)), "update_s": float(np.mean(upd)), "completion_len": float(np.mean(lens))}
 
 
@@ -183,11 +189,14 @@ def run(args) -> dict:
             "optim": {k: getattr(cfg.grpo.optim, k) for k in ("lr", "b1", "b2", "weight_decay", "clip_norm")},
             "prompts": texts, "prompt_ids": ids, "tokenizer_dir": tok_dir, "platform": jax.devices()[0].platform,
         }
+        B, G, N = size["batch_size"], size["group_size"], size["max_new_tokens"]
+        _log(f"bench grpo: ours, B={B} G={G} N={N}, prompts {min(map(len, ids))}-{max(map(len, ids))} tokens, "
+             f"{size['warmup']} warm-up + {size['iters']} timed iterations")
         ours = run_ours(cfg, model_cfg, params, tok, records, toolmaker, size["warmup"], size["iters"], max_prompt)
+        _log(f"bench grpo: ours {ours['iterations_per_s']:.4g} it/s; now google-tunix ({python})")
         peer = run_peer(python, spec)
     if not peer.get("prompt_ids_match", False):
         raise MtrError("bench grpo: the peer tokenized the prompts differently (the workloads would differ)")
-    B, G, N = size["batch_size"], size["group_size"], size["max_new_tokens"]
     return {
         "workload": "grpo", "unit": "iterations/s",
         "ours": round(ours["iterations_per_s"], 4), "peer": round(peer["iterations_per_s"], 4),
@@ -197,6 +206,11 @@ def run(args) -> dict:
         "peer_rollout_s": round(peer["rollout_s"], 4), "peer_update_s": round(peer["update_s"], 4),
         "iteration_s": [round(x, 4) for x in ours["iteration_s"]],
         "peer_iteration_s": [round(x, 4) for x in peer["iteration_s"]],
+        # process CPU seconds per iteration (all threads): less sensitive than wall time to other
+        # load on a shared machine; cpu_ratio = peer / ours (higher is better for us)
+        "cpu_s": [round(x, 3) for x in ours.get("cpu_s", [])], "peer_cpu_s": [round(x, 3) for x in peer.get("cpu_s", [])],
+        "cpu_ratio": (round(sum(peer["cpu_s"]) / len(peer["cpu_s"]) / (sum(ours["cpu_s"]) / len(ours["cpu_s"])), 3)
+                      if peer.get("cpu_s") and ours.get("cpu_s") else None),
         "warmup_s": [round(x, 2) for x in ours["warmup_s"]], "peer_warmup_s": [round(x, 2) for x in peer["warmup_s"]],
         "completion_len": round(ours["completion_len"], 1), "peer_completion_len": round(peer["completion_len"], 1),
         "shape": {**ARCH, "vocab_size": model_cfg.vocab_size, "dtype": dtype},

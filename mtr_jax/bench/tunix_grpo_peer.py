@@ -93,7 +93,7 @@ def main(spec_path: str) -> None:
     learner = grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=reward)
 
     # time stamps: each batch pull, each rollout (+ reference log-probs + rewards), each update
-    pulls, roll, ref, upd, lens = [], [], [], [], []
+    pulls, cpu, roll, ref, upd, lens = [], [], [], [], [], []
     gen = learner._generate_and_compute_advantage
 
     def timed_gen(*a, **k):
@@ -128,6 +128,7 @@ def main(spec_path: str) -> None:
     def batches():
         for i in range(warmup + iters + 1):
             pulls.append(time.perf_counter())
+            cpu.append(time.process_time())
             p = [prompts[(i * B + j) % len(prompts)] for j in range(B)]
             yield {"prompts": np.array(p)}
 
@@ -138,13 +139,14 @@ def main(spec_path: str) -> None:
     # at a pull too (not at train()'s clean-up)
     its = [b - a for a, b in zip(pulls[:-1], pulls[1:])][: warmup + iters]
     meas = its[warmup:]
+    cpu_its = [b - a for a, b in zip(cpu[:-1], cpu[1:])][warmup : warmup + iters]
     rs = roll[warmup : warmup + iters]
     fs = ref[warmup : warmup + iters] if ref else [0.0] * len(rs)
     out = {
         "peer_name": f"google-tunix {md.version('google-tunix')} GRPOLearner",
         "versions": {k: md.version(k) for k in ("google-tunix", "jax", "flax", "optax")},
         "iteration_s": meas, "warmup_s": its[:warmup], "total_s": t_end - t0,
-        "iterations_per_s": len(meas) / sum(meas),
+        "iterations_per_s": len(meas) / sum(meas), "cpu_s": cpu_its,
         # split as ours: rollout = generation + rewards/advantages; update = reference log-probs + step
         "rollout_s": float(np.mean(rs) - np.mean(fs)), "update_s": float(np.mean(fs) + np.mean(upd[warmup : warmup + iters])),
         "completion_len": float(np.mean(lens[warmup:])), "max_prompt_length": max_prompt,
