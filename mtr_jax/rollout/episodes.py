@@ -38,7 +38,7 @@ class Episode:
     calls_valid: list = field(default_factory=list)  # one bool per tool call
     messages: list = field(default_factory=list)  # trace JSON messages
     answer: str | None = None
-    end_reason: str = ""  # answer | max_turns | max_len | length (a turn without EOS) | cache_full
+    end_reason: str = ""  # answer | max_turns | max_len | length (a turn without EOS) | cache_full | prompt_too_long
     counters: dict = field(default_factory=lambda: {"turns": 0, "tool_calls": 0, "invalid_calls": 0, "tool_errors": 0,
                                                      "format_errors": 0})
 
@@ -83,8 +83,14 @@ def run_episodes(
         for _ in range(group_size):
             eps.append(Episode(rec, tools, list(ids), len(ids), [0] * len(ids), [0.0] * len(ids), messages=[dict(m) for m in msgs]))
     n = len(eps)
-    state = sampler.start(params, prompts, group_size=group_size)
     done = np.zeros(n, bool)
+    # a prompt that leaves no room to generate is an episode with no answer, not a crashed batch
+    for p, ids in enumerate(prompts):
+        if len(ids) >= max_len:
+            prompts[p] = ids[:1]
+            for g in range(group_size):
+                eps[p * group_size + g].end_reason, done[p * group_size + g] = "prompt_too_long", True
+    state = sampler.start(params, prompts, group_size=group_size)
     for turn in range(max_turns):
         active = ~done
         if not active.any():

@@ -156,12 +156,10 @@ class GRPOTrainer:
         b = episodes_to_batch(eps, rows, length, self.pad_id)
         adv_full = np.zeros(rows, np.float32)
         adv_full[:n] = adv
-        old_logp, ent = self.logprob_fn(self.params, b["tokens"], b["segment_ids"], b["positions"])
-        old_logp = np.asarray(old_logp)
+        old_logp = self._logprobs(self.params, b, mbs)
         m = b["mask"][:, 1:]
         gap = float(np.abs((old_logp - b["sampler_logp"][:, 1:]) * m).sum() / max(m.sum(), 1))
-        ref_logp = np.asarray(self.logprob_fn(self.ref_params, b["tokens"], b["segment_ids"], b["positions"])[0]) \
-            if g.beta else np.zeros_like(old_logp)
+        ref_logp = self._logprobs(self.ref_params, b, mbs) if g.beta else np.zeros_like(old_logp)
         data = {"tokens": b["tokens"], "segment_ids": b["segment_ids"], "positions": b["positions"], "mask": b["mask"],
                 "old_logp": old_logp, "ref_logp": ref_logp, "adv": adv_full}
         per = rows // mbs
@@ -188,6 +186,14 @@ class GRPOTrainer:
         out["skipped"] = tot["skipped"]
         out["logprob_gap"] = gap
         return out
+
+    def _logprobs(self, params, b, chunks):
+        """Teacher-forced log-probs, `chunks` rows groups at a time (the [rows, T, vocab] logits
+        of a whole batch would be the largest buffer of a GRPO step)."""
+        per = b["tokens"].shape[0] // chunks
+        out = [np.asarray(self.logprob_fn(params, *(b[k][j * per:(j + 1) * per] for k in ("tokens", "segment_ids", "positions")))[0])
+               for j in range(chunks)]
+        return np.concatenate(out, axis=0)
 
     @staticmethod
     def _rollout_metrics(eps, scores, rewards):

@@ -8,33 +8,34 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import jax
+from etils import epath
 
 
 class MetricsLogger:
     def __init__(self, run_dir: str, resume_step: int | None = None, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        run = epath.Path(run_dir)  # local or gs://
+        self.path = run / "metrics.jsonl"
         self.tb = None
         if not self.enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
-        if resume_step is not None and os.path.exists(self.path):
+        run.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
-        self.f = open(self.path, "a")
+        self.f = self.path.open("a")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+                self.tb = SummaryWriter(str(run / "tb"))
             except Exception:  # TensorBoard is a mirror; JSONL is the record
                 self.tb = None
 
     def _truncate_after(self, step: int) -> None:
         keep = []
-        with open(self.path) as f:
+        with self.path.open() as f:
             for line in f:
                 try:
                     rec = json.loads(line)
@@ -42,7 +43,7 @@ class MetricsLogger:
                     continue  # a line cut by a kill
                 if rec.get("step", -1) <= step or rec.get("stage") not in ("sft", "grpo"):
                     keep.append(json.dumps(rec))
-        with open(self.path, "w") as f:
+        with self.path.open("w") as f:
             f.write("".join(k + "\n" for k in keep))
 
     def log(self, step: int, stage: str, metrics: dict) -> None:
