@@ -46,7 +46,7 @@ class Checkpointer:
         # a writer removes tmp dirs left by a killed save; a reader must not (a live run may own them)
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
-            read_only=read_only, cleanup_tmp_directories=not read_only,
+            cleanup_tmp_directories=not read_only,  # (orbax's own read_only mode logs warnings)
         )
         self._opts = opts
         self._mngr = ocp.CheckpointManager(self.directory, options=opts)
