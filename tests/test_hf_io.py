@@ -146,12 +146,14 @@ def test_bad_inputs_name_file_and_problem(tmp_path):
 
 def test_cli_bad_path_prints_one_line_and_exits_2(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
-    for argv in (
-        ["import-hf", "--model", "/nonexistent", "--out", str(tmp_path / "x")],
-        ["export-hf", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "y")],
+    (tmp_path / "empty").mkdir()
+    for argv, want in (
+        (["import-hf", "--model", "/nonexistent", "--out", str(tmp_path / "x")], "not found"),
+        (["export-hf", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "y")], "not found"),
+        (["export-hf", "--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "y")], "no checkpoint found"),
     ):
         proc = subprocess.run([sys.executable, "-m", "mtr_jax.cli", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and "not found" in lines[0], proc.stderr
+        assert len(lines) == 1 and want in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr
