@@ -60,6 +60,11 @@ def test_grpo_loss_matches_numpy(fixed, agg, beta):
     parts = [losses.grpo_loss_num(*(jnp.asarray(x[s], jnp.float32) for x in (logp, old, ref, adv, mask)), **kw)[0]
              for s in (slice(0, 2), slice(2, 5), slice(5, 6))]
     assert abs(sum(float(p) for p in parts) / den - want) <= 1e-6 * max(1.0, abs(want))
+    # the in-jit denominator (what the trainer uses) agrees with the NumPy one; padded rows count 0
+    pad = np.zeros((2, mask.shape[1] + 1))
+    b = {"mask": np.concatenate([np.pad(mask, ((0, 0), (1, 0))), pad]),
+         "segment_ids": np.concatenate([np.ones((mask.shape[0], mask.shape[1] + 1)), pad])}
+    assert float(losses.grpo_denominator_jnp(b, agg)) == den
 
 
 def test_grpo_gradient_raises_positive_advantage_logprobs(fixed):

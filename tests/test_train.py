@@ -194,9 +194,9 @@ def run(mesh, loss_num, batch):
     if mesh is not None:
         params = jax.device_put(params, param_shardings(mc, mesh))
     opt = jax.jit(tx.init)(params)
-    step = make_train_step(loss_num, tx)
+    step = make_train_step(loss_num, lambda b: jnp.float32(37.0), tx)
     mb = put_micro_batches(split_micro(batch, 2), mesh)
-    p, o, m = step(params, opt, mb, jnp.float32(37.0))
+    p, o, m = step(params, opt, mb)
     return jax.device_get(p), float(m["loss"])
 
 def sft_loss(p, mb):

@@ -12,6 +12,8 @@ _done = False
 
 def _multi_host_env() -> bool:
     env = os.environ
+    if env.get("MTR_DISTRIBUTED") == "1":  # set on every worker by tpu_scripts/launch.py
+        return True
     if env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS"):
         return True
     # TPU VMs list every worker of the slice; one entry = single host

@@ -102,7 +102,8 @@ class GRPOTrainer:
                                mesh=mesh)
         self.sampling = SamplingParams(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
         self.logprob_fn = make_logprob_fn(model_cfg, g.temperature)
-        self.step_fn = make_train_step(make_grpo_loss(model_cfg, g), self.tx)
+        self.step_fn = make_train_step(make_grpo_loss(model_cfg, g),
+                                       lambda b: losses.grpo_denominator_jnp(b, g.loss_agg), self.tx)
         self.tools_cache: dict[str, list] = {}
 
     def tools_for(self, rec):
@@ -169,10 +170,8 @@ class GRPOTrainer:
             for j in range(mbs):
                 sl = slice(j * per, (j + 1) * per)
                 mb = {k: v[sl] for k, v in data.items()}
-                n_real = max(0, min(n, (j + 1) * per) - j * per)
-                denom = losses.grpo_denominator(mb["mask"][:, 1:], g.loss_agg, n_episodes=n_real)
                 mb = put_micro_batches(split_micro(mb, 1), self.mesh)
-                self.params, self.opt_state, met = self.step_fn(self.params, self.opt_state, mb, jnp.float32(denom))
+                self.params, self.opt_state, met = self.step_fn(self.params, self.opt_state, mb)
                 met = jax.device_get(met)
                 toks = max(float(met["tokens"]), 1.0)
                 tot["loss"] += float(met["loss"])

@@ -51,6 +51,21 @@ def sft_loss_num(params, cfg, batch):
     return -jnp.sum(logp * m), jnp.sum(m)
 
 
+def sft_denominator(batches):
+    """Label tokens of a whole step ([A, b, T] arrays), computed inside jit: the SFT loss is the
+    mean over every assistant token of the step."""
+    seg = batches["segment_ids"]
+    return jnp.sum(batches["loss_mask"][..., 1:] * (seg[..., 1:] == seg[..., :-1]))
+
+
+def grpo_denominator_jnp(batches, loss_agg: str):
+    """`grpo_denominator` inside jit over the whole step: generated tokens (token-mean) or real
+    episodes (sequence means; padding rows have no tokens at all)."""
+    if loss_agg == "token-mean":
+        return jnp.sum(batches["mask"][..., 1:])
+    return jnp.sum(jnp.any(batches["segment_ids"] > 0, axis=-1))
+
+
 def group_advantages(rewards: np.ndarray, group_size: int, scale_std: bool = True, eps: float = 1e-6) -> np.ndarray:
     r = np.asarray(rewards, np.float64).reshape(-1, group_size)
     centred = r - r.mean(axis=1, keepdims=True)

@@ -92,7 +92,7 @@ def train_sft(
         num, den = losses.sft_loss_num(p, model_cfg, mb)
         return num, {"tokens": den}
 
-    step_fn = make_train_step(loss_num, tx)
+    step_fn = make_train_step(loss_num, losses.sft_denominator, tx)
     it = sft_batches(examples, seq_len=s.seq_len, batch_size=s.batch_size, seed=cfg.run.seed,
                      shard_index=jax.process_index(), shard_count=jax.process_count())
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.run.keep_checkpoints)
@@ -114,10 +114,8 @@ def train_sft(
     for step in range(start + 1, s.steps + 1):
         batch = next(it)
         arrays = {k: batch[k] for k in ("tokens", "loss_mask", "segment_ids", "positions")}
-        labels = arrays["loss_mask"][:, 1:] * (arrays["segment_ids"][:, 1:] == arrays["segment_ids"][:, :-1])
-        denom = float(max(labels.sum(), 1))
         mb = put_micro_batches(split_micro(arrays, s.grad_accum), mesh)
-        params, opt_state, m = step_fn(params, opt_state, mb, jnp.float32(denom))
+        params, opt_state, m = step_fn(params, opt_state, mb)
         if step % cfg.run.log_every == 0 or step == s.steps:
             m = jax.device_get(m)
             now = time.perf_counter()

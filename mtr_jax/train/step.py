@@ -1,8 +1,10 @@
 """The jitted optimiser step both trainers share.
 
-`make_train_step(loss_num, tx)` builds `step(params, opt_state, micro_batches, denom)`:
-the batch arrives as [A, b, ...] (A micro-batches), gradients of `loss_num(params, mb) / denom`
-are summed over the A micro-batches with `lax.scan` (so the step's loss is exact whatever A is),
+`make_train_step(loss_num, denom_fn, tx)` builds `step(params, opt_state, micro_batches)`:
+the batch arrives as [A, b, ...] (A micro-batches, b sharded over the data axes, possibly fed by
+several processes), `denom = denom_fn(micro_batches)` is computed once over the WHOLE global batch
+inside the jitted step, and gradients of `loss_num(params, mb) / denom` are summed over the A
+micro-batches with `lax.scan` (so the step's loss is exact whatever A and the process count are),
 clipped and applied with optax. A non-finite loss or gradient leaves params and optimiser state
 untouched and reports `skipped=1` (the caller logs it; nothing non-finite is ever saved).
 """
@@ -14,10 +16,11 @@ import jax.numpy as jnp
 import optax
 
 
-def make_train_step(loss_num, tx, donate: bool = True):
-    """loss_num(params, micro_batch) -> (numerator, aux dict of sums)."""
+def make_train_step(loss_num, denom_fn, tx, donate: bool = True):
+    """loss_num(params, micro_batch) -> (numerator, aux dict of sums); denom_fn(batches) -> scalar."""
 
-    def step(params, opt_state, batches, denom):
+    def step(params, opt_state, batches):
+        denom = jnp.maximum(denom_fn(batches).astype(jnp.float32), 1.0)
         def micro(carry, mb):
             g_acc, loss_acc, aux_acc = carry
 
@@ -50,7 +53,8 @@ def make_train_step(loss_num, tx, donate: bool = True):
 
 def put_micro_batches(mb: dict, mesh):
     """Place [A, b, ...] micro-batches: b split over the data-parallel axes (data, fsdp) when it
-    divides, A and the rest replicated. No mesh: left where it is."""
+    divides, A and the rest replicated. No mesh: left where it is. With several processes each
+    one passes ITS rows and the global batch is their concatenation (grain shards by process)."""
     if mesh is None:
         return mb
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -62,6 +66,9 @@ def put_micro_batches(mb: dict, mesh):
         n = 1
         for a in (spec if isinstance(spec, tuple) else (spec,) if spec else ()):
             n *= mesh.shape[a]
+        if jax.process_count() > 1:
+            sh = NamedSharding(mesh, P(None, spec, *([None] * (x.ndim - 2))))
+            return jax.make_array_from_process_local_data(sh, x)
         if x.shape[1] % n:
             spec = None
         return jax.device_put(x, NamedSharding(mesh, P(None, spec, *([None] * (x.ndim - 2)))))
