@@ -186,7 +186,7 @@ g = GRPOConfig(beta=0.04, max_new_tokens=16, max_turns=2)
 grpo_batch = dict(tokens=tokens, segment_ids=seg, positions=pos, mask=mask.astype(np.float32),
                   old_logp=rng.uniform(-5, -1, (B, T - 1)).astype(np.float32),
                   ref_logp=rng.uniform(-5, -1, (B, T - 1)).astype(np.float32),
-                  adv=rng.normal(size=B).astype(np.float32))
+                  adv=rng.normal(size=B).astype(np.float32), sampler_logp=np.zeros((B, T), np.float32))
 
 def run(mesh, loss_num, batch):
     params = qwen2.init_params(mc, jax.random.PRNGKey(0))
@@ -214,6 +214,30 @@ for name, fn, batch in (("sft", sft_loss, sft_batch), ("grpo", make_grpo_loss(mc
 print("OK")
 ''')
     assert "OK" in out
+
+
+def test_grpo_on_policy_shortcut_equals_explicit_old_logprobs():
+    """mu=1, one minibatch: logp_old = stop_gradient(logp) must give exactly the loss and gradient
+    of feeding the old-policy log-probs from a separate forward (what mu>1 does)."""
+    from mtr_jax.config import GRPOConfig
+    from mtr_jax.train.grpo import make_grpo_loss
+
+    mc = qwen2.Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
+    params = qwen2.init_params(mc, jax.random.PRNGKey(0), std=0.1)
+    rng = np.random.RandomState(0)
+    B, T = 4, 24
+    tokens = rng.randint(0, 128, (B, T)).astype(np.int32)
+    mb = dict(tokens=tokens, segment_ids=np.ones((B, T), np.int32), positions=np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+              mask=(rng.uniform(size=(B, T)) > 0.5).astype(np.float32), adv=rng.normal(size=B).astype(np.float32),
+              ref_logp=rng.uniform(-5, -1, (B, T - 1)).astype(np.float32), sampler_logp=np.zeros((B, T), np.float32))
+    g = GRPOConfig(beta=0.04)
+    from mtr_jax.train.losses import token_logprobs
+    mb_off = dict(mb, old_logp=np.asarray(token_logprobs(params, mc, tokens)[0]))
+    (l_on, _), g_on = jax.value_and_grad(make_grpo_loss(mc, g, on_policy=True), has_aux=True)(params, dict(mb, old_logp=None))
+    (l_off, _), g_off = jax.value_and_grad(make_grpo_loss(mc, g, on_policy=False), has_aux=True)(params, mb_off)
+    assert abs(float(l_on) - float(l_off)) < 1e-5
+    np.testing.assert_allclose(_flat(g_on), _flat(g_off), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,13 +26,6 @@ from mtr_jax.train.optim import make_optimizer
 from mtr_jax.train.step import make_train_step, put_micro_batches, split_micro
 
 
-def bucket(n: int, minimum: int = 64) -> int:
-    b = minimum
-    while b < n:
-        b *= 2
-    return b
-
-
 def episodes_to_batch(eps, rows: int, length: int, pad_id: int):
     """Pad episodes into [rows, length] arrays. mask/logp are on the LABEL side (index t = token t)."""
     tokens = np.full((rows, length), pad_id, np.int32)
@@ -58,15 +51,21 @@ def make_logprob_fn(model_cfg, temperature: float):
     return fn
 
 
-def make_grpo_loss(model_cfg, g):
+def make_grpo_loss(model_cfg, g, on_policy: bool = False):
+    """on_policy (mu = 1, one minibatch): the old policy IS the current one, so logp_old =
+    stop_gradient(logp) (ratio 1, the gradient of the clipped objective is A * grad logp) and the
+    separate old-policy forward is skipped; the sampler/trainer gap is measured here instead."""
+
     def loss_num(p, mb):
         logp, ent = losses.token_logprobs(p, model_cfg, mb["tokens"], mb["segment_ids"], mb["positions"], g.temperature)
         m = mb["mask"][:, 1:]
+        old = jax.lax.stop_gradient(logp) if on_policy else mb["old_logp"]
         num, st = losses.grpo_loss_num(
-            logp, mb["old_logp"], mb["ref_logp"], mb["adv"], m, eps_low=g.epsilon_low, eps_high=g.epsilon_high,
+            logp, old, mb["ref_logp"], mb["adv"], m, eps_low=g.epsilon_low, eps_high=g.epsilon_high,
             beta=g.beta, loss_agg=g.loss_agg, max_len=g.max_new_tokens * g.max_turns,
         )
         st["entropy_sum"] = jnp.sum(ent * m)
+        st["gap_sum"] = jnp.sum(jnp.abs(jax.lax.stop_gradient(logp) - mb["sampler_logp"][:, 1:]) * m)
         return num, st
 
     return loss_num
@@ -102,7 +101,9 @@ class GRPOTrainer:
                                mesh=mesh)
         self.sampling = SamplingParams(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
         self.logprob_fn = make_logprob_fn(model_cfg, g.temperature)
-        self.step_fn = make_train_step(make_grpo_loss(model_cfg, g),
+        # mu = 1 and one minibatch: on-policy, no separate old-policy forward (as TRL and tunix do)
+        self.on_policy = g.mu == 1 and g.minibatches == 1
+        self.step_fn = make_train_step(make_grpo_loss(model_cfg, g, self.on_policy),
                                        lambda b: losses.grpo_denominator_jnp(b, g.loss_agg), self.tx)
         self.tools_cache: dict[str, list] = {}
 
@@ -151,18 +152,20 @@ class GRPOTrainer:
         g = self.g
         n = len(eps)
         mbs = g.minibatches
-        # rows padded to B*G (a fixed shape whatever groups were dropped: no recompiles)
+        # rows padded to B*G and length to a multiple of 128 (capped at max_len): a handful of
+        # shapes whatever the episodes, so no recompiles, and little padding
         rows = g.batch_size * g.group_size
-        length = bucket(max(len(e.token_ids) for e in eps))
+        length = min(-(-max(len(e.token_ids) for e in eps) // 128) * 128, max(g.max_len, 128))
         b = episodes_to_batch(eps, rows, length, self.pad_id)
         adv_full = np.zeros(rows, np.float32)
         adv_full[:n] = adv
-        old_logp = self._logprobs(self.params, b, mbs)
-        m = b["mask"][:, 1:]
-        gap = float(np.abs((old_logp - b["sampler_logp"][:, 1:]) * m).sum() / max(m.sum(), 1))
-        ref_logp = self._logprobs(self.ref_params, b, mbs) if g.beta else np.zeros_like(old_logp)
+        zeros = np.zeros((rows, length - 1), np.float32)
+        old_logp = zeros if self.on_policy else self._logprobs(self.params, b, mbs)
+        ref_logp = self._logprobs(self.ref_params, b, mbs) if g.beta else zeros
         data = {"tokens": b["tokens"], "segment_ids": b["segment_ids"], "positions": b["positions"], "mask": b["mask"],
-                "old_logp": old_logp, "ref_logp": ref_logp, "adv": adv_full}
+                "old_logp": old_logp, "ref_logp": ref_logp, "adv": adv_full, "sampler_logp": b["sampler_logp"]}
+        n_gen = max(float(b["mask"][:, 1:].sum()), 1.0)
+        gap = None if self.on_policy else float(np.abs((old_logp - b["sampler_logp"][:, 1:]) * b["mask"][:, 1:]).sum() / n_gen)
         per = rows // mbs
         tot = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "skipped": 0.0}
         count = 0
@@ -180,6 +183,8 @@ class GRPOTrainer:
                 tot["clip_frac"] += float(met["clip_sum"]) / toks
                 tot["entropy"] += float(met["entropy_sum"]) / toks
                 tot["skipped"] += float(met["skipped"])
+                if self.on_policy:  # one step: its params are the rollout policy
+                    gap = float(met["gap_sum"]) / n_gen
                 count += 1
         out = {k: v / count for k, v in tot.items()}
         out["skipped"] = tot["skipped"]
