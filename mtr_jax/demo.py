@@ -34,6 +34,12 @@ class WorldConfig:
     n_train: int = 400
     n_heldout: int = 100
     vocab_size: int = 1536
+    # many entities, so a training name rarely repeats: memorising does not pay, copying does
+    n_people: int = 300
+    n_cities: int = 60
+    n_films: int = 200
+    n_companies: int = 60
+    kinds: list = field(default_factory=lambda: ["film_director_birthplace", "company_founder_birthplace", "person_country"])
 
 
 @dataclass
@@ -47,11 +53,11 @@ class DemoConfig:
 
 
 DEMO_DEFAULTS = {
-    "sft": {"steps": 300, "batch_size": 8, "seq_len": 512, "grad_accum": 1,
+    "sft": {"steps": 300, "batch_size": 8, "seq_len": 768, "grad_accum": 1,
             "optim": {"lr": 3e-3, "warmup_steps": 20, "weight_decay": 0.0, "schedule": "cosine"}},
-    "grpo": {"steps": 20, "batch_size": 8, "group_size": 4, "max_turns": 3, "max_new_tokens": 48, "max_len": 512,
+    "grpo": {"steps": 20, "batch_size": 8, "group_size": 4, "max_turns": 4, "max_new_tokens": 64, "max_len": 768,
              "temperature": 1.0, "beta": 0.0, "optim": {"lr": 2e-4, "warmup_steps": 0, "schedule": "constant"}},
-    "eval": {"max_turns": 3, "max_new_tokens": 48, "max_len": 512, "batch_size": 32},
+    "eval": {"max_turns": 4, "max_new_tokens": 64, "max_len": 768, "batch_size": 50},
     "run": {"checkpoint_every": 100, "seed": 0},
 }
 
@@ -85,7 +91,6 @@ def _round_up(n: int, m: int) -> int:
 
 
 def run_demo(demo: DemoConfig, cfg: Config, out_dir: str, progress: bool = True, log=print) -> dict:
-    from mtr_jax.data.demo_tokenizer import demo_tokenizer_for_world
     from mtr_jax.data.synthetic import make_world, split_world
     from mtr_jax.model import qwen2
     from mtr_jax.tools.autoagent import AutoAgent
@@ -97,8 +102,9 @@ def run_demo(demo: DemoConfig, cfg: Config, out_dir: str, progress: bool = True,
     t_start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     w = demo.world
-    world = make_world(seed=w.seed)
-    train_q, held_q = split_world(world, n_train=w.n_train, n_heldout=w.n_heldout, seed=w.seed)
+    world = make_world(seed=w.seed, n_people=w.n_people, n_cities=w.n_cities, n_films=w.n_films,
+                       n_companies=w.n_companies)
+    train_q, held_q = split_world(world, n_train=w.n_train, n_heldout=w.n_heldout, seed=w.seed, kinds=w.kinds or None)
     log(f"[1/6] world: {len(train_q)} training questions, {len(held_q)} held-out questions (unseen entities)")
 
     toolmaker = ToolMaker(backend="template")
@@ -118,8 +124,7 @@ def run_demo(demo: DemoConfig, cfg: Config, out_dir: str, progress: bool = True,
             f.write(json.dumps(t, ensure_ascii=False) + "\n")
     log(f"[2/6] AutoAgent (oracle) + ToolActor (corpus): kept {len(traces)} traces, rejected {sum(rejected.values())} {rejected or ''}")
 
-    tool_texts = [json.dumps(t, ensure_ascii=False) for t in traces[:50]]
-    tok = demo_tokenizer_for_world(world, vocab_size=w.vocab_size, extra_texts=tool_texts)
+    tok = sibling_tokenizer(w, toolmaker, agent)
     tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
     model_cfg = qwen2.Qwen2Config(vocab_size=_round_up(len(tok), 64), eos_token_id=tok.eos_token_id,
                                   dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, **demo.arch)
@@ -168,6 +173,27 @@ def run_demo(demo: DemoConfig, cfg: Config, out_dir: str, progress: bool = True,
         log(f"{stage:<12}{r['em']:>8.3f}{r['f1']:>8.3f}{r['n']:>6d}")
     log(f"done in {time.perf_counter() - t_start:.0f}s; results.json, curves.png and traces in {out_dir}")
     return results
+
+
+def sibling_tokenizer(w: WorldConfig, toolmaker, agent, n_worlds: int = 4):
+    """A byte-level BPE (Qwen2.5 special tokens and chat template) trained on the text of SIBLING
+    worlds from the same generator: their pages, questions and rendered oracle traces. So no
+    entity of the demo world, trained on or held out, is a whole token: every name is spelled in
+    the same syllable pieces, and copying a name the model has never seen is learnable (a held-out
+    name that were one token of its own would have an embedding no gradient ever trained)."""
+    from mtr_jax.data.demo_tokenizer import train_demo_tokenizer
+    from mtr_jax.data.synthetic import make_world, split_world
+    from mtr_jax.traces.render import render_text
+
+    texts, traces = [], []
+    for i in range(n_worlds):
+        sib = make_world(seed=w.seed + 1000 + i, n_people=w.n_people, n_cities=w.n_cities, n_films=w.n_films,
+                         n_companies=w.n_companies)
+        texts += sib.texts()
+        qs, _ = split_world(sib, n_train=50, n_heldout=10, seed=w.seed + i, kinds=w.kinds or None)
+        traces += [t for t in (agent.make_trace(r, toolmaker.make(r))[0] for r in qs) if t is not None]
+    boot = train_demo_tokenizer(texts, vocab_size=w.vocab_size)
+    return train_demo_tokenizer(texts + [render_text(boot, t) for t in traces], vocab_size=w.vocab_size)
 
 
 def _eval(cfg, model_cfg, params, tok, records, toolmaker, actor):

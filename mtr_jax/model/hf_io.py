@@ -404,6 +404,19 @@ def cli_export(args) -> int:
 
     params, cfg = load_params(args.checkpoint)
     tok = find_tokenizer(args.checkpoint)
-    out = export_hf(params, cfg, args.out, tokenizer=str(tok) if tok else None, dtype=args.dtype)
+    if "://" in str(args.out):  # gs:// etc.: write locally, then upload file by file with etils
+        import tempfile
+
+        from etils import epath
+
+        with tempfile.TemporaryDirectory() as tmp:
+            export_hf(params, cfg, tmp, tokenizer=str(tok) if tok else None, dtype=args.dtype)
+            dest = epath.Path(args.out)
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in pathlib.Path(tmp).iterdir():
+                (dest / f.name).write_bytes(f.read_bytes())
+        out = args.out
+    else:
+        out = export_hf(params, cfg, args.out, tokenizer=str(tok) if tok else None, dtype=args.dtype)
     print(f"exported {args.checkpoint} -> {out}{' (with tokenizer)' if tok else ''}")
     return 0
