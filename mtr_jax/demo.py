@@ -53,9 +53,10 @@ class DemoConfig:
 
 
 DEMO_DEFAULTS = {
+    "model": {"dtype": "bfloat16", "param_dtype": "float32"},  # bf16 compute, f32 master weights
     "sft": {"steps": 300, "batch_size": 8, "seq_len": 768, "grad_accum": 1,
             "optim": {"lr": 3e-3, "warmup_steps": 20, "weight_decay": 0.0, "schedule": "cosine"}},
-    "grpo": {"steps": 20, "batch_size": 8, "group_size": 4, "max_turns": 4, "max_new_tokens": 64, "max_len": 768,
+    "grpo": {"steps": 8, "batch_size": 8, "group_size": 4, "max_turns": 4, "max_new_tokens": 64, "max_len": 768,
              "temperature": 1.0, "beta": 0.0, "optim": {"lr": 2e-4, "warmup_steps": 0, "schedule": "constant"}},
     "eval": {"max_turns": 4, "max_new_tokens": 64, "max_len": 768, "batch_size": 50},
     "run": {"checkpoint_every": 100, "seed": 0},
