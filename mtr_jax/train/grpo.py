@@ -278,6 +278,8 @@ def cli(args) -> int:
     mesh, model_cfg, params = setup_model(cfg)
     actor = make_actor(cfg)
     print(f"grpo: {len(records)} questions, {cfg.grpo.steps} steps x {cfg.grpo.batch_size}x{cfg.grpo.group_size} -> {cfg.run.out_dir}")
+    if jax.process_index() == 0:  # next to the checkpoints, so export-hf / eval find it
+        tokenizer.save_pretrained(os.path.join(cfg.run.out_dir, "checkpoints", "tokenizer"))
     train_grpo(cfg, model_cfg, params, tokenizer, records, actor, make_toolmaker(cfg), cfg.run.out_dir, mesh=mesh,
                resume=args.resume)
     return 0

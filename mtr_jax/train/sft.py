@@ -168,5 +168,7 @@ def cli(args) -> int:
     examples, dropped = traces_to_examples(tokenizer, traces, cfg.sft.seq_len)
     mesh, model_cfg, params = setup_model(cfg)
     print(f"sft: {len(examples)} traces ({dropped} dropped), {cfg.sft.steps} steps -> {cfg.run.out_dir}")
+    if jax.process_index() == 0:  # next to the checkpoints, so export-hf / eval find it
+        tokenizer.save_pretrained(os.path.join(cfg.run.out_dir, "checkpoints", "tokenizer"))
     train_sft(cfg, model_cfg, params, examples, cfg.run.out_dir, mesh=mesh, resume=args.resume)
     return 0
