@@ -156,13 +156,23 @@ def _spec_leaves(tree):
         yield tree
 
 
+def causal_fraction(T: int) -> float:
+    """Share of the T x T scores the block-causal training attention materialises (qwen2.causal_attention)."""
+    from mtr_jax.model.qwen2 import CAUSAL_BLOCK as blk
+
+    if blk <= 0 or T <= blk or T % blk:
+        return 1.0
+    n = T // blk
+    return n * (n + 1) / 2 / (n * n)
+
+
 def activation_bytes(mcfg, rows: int, T: int, tensor: int = 1, remat: bool | None = None) -> float:
     """Train-step activations of one device holding `rows` rows of length T (see module doc)."""
     E, I, H, L, V = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_attention_heads, mcfg.num_hidden_layers, mcfg.vocab_size
     th = tensor if H % tensor == 0 and mcfg.num_key_value_heads % tensor == 0 else 1
     tv = tensor if V % tensor == 0 else 1
     ti = tensor if I % tensor == 0 else 1
-    att = rows * (H / th) * T * T * 4
+    att = rows * (H / th) * T * T * 4 * causal_fraction(T)
     lin = rows * T * (E + I / ti) * 4
     logits = rows * T * (V / tv) * 4
     remat = mcfg.remat if remat is None else remat
@@ -184,11 +194,9 @@ def _forward_only_bytes(mcfg, rows: int, T: int, tensor: int, logits: bool = Tru
     return layer + (c * rows * T * (V / tv) * 4 if logits else 0.0)
 
 
-def _bucket(n: int, minimum: int = 64) -> int:
-    b = minimum
-    while b < n:
-        b *= 2
-    return b
+def _bucket(n: int, multiple: int = 128) -> int:
+    """The GRPO update's sequence length: episodes padded to a multiple of 128 (worst case max_len)."""
+    return -(-n // multiple) * multiple
 
 
 def _rows_per_device(rows: int, batch_div: int, what: str) -> int:
@@ -230,7 +238,11 @@ def estimate(cfg, mcfg, mesh_sizes: tuple[int, int, int], stage: str) -> dict:
         rows = _rows_per_device(n_rows // g.minibatches, bdiv, "grpo.batch_size x group_size / minibatches")
         out["activations"] = activation_bytes(mcfg, rows, T, tensor)
         all_rows = -(-n_rows // bdiv)
-        out["logprob_forward"] = _forward_only_bytes(mcfg, all_rows, T, tensor)
+        # old-policy / reference log-probs run one minibatch at a time; on-policy updates (mu = 1,
+        # one minibatch) skip the old-policy forward, so only beta > 0 needs it
+        chunk_rows = -(-(n_rows // g.minibatches) // bdiv)
+        needs_forward = g.beta > 0 or not (g.mu == 1 and g.minibatches == 1)
+        out["logprob_forward"] = _forward_only_bytes(mcfg, chunk_rows, T, tensor) if needs_forward else 0.0
         if g.beta:
             out["reference"] = out["params"]
         # KV cache: rows sharded over data x fsdp (sampler BATCH_AXES), kv heads replicated

@@ -43,8 +43,8 @@ def _measure_train_step(cfg, mcfg, loss_num, batch_shapes, optim):
     tx, _ = make_optimizer(optim, 10)
     params = jax.eval_shape(lambda: init_params(mcfg, jax.random.key(0)))
     opt = jax.eval_shape(tx.init, params)
-    step = make_train_step(loss_num, tx)
-    return _peak(step.lower(params, opt, batch_shapes, jax.ShapeDtypeStruct((), jnp.float32)).compile())
+    step = make_train_step(loss_num, lambda b: jnp.float32(1.0), tx)
+    return _peak(step.lower(params, opt, batch_shapes).compile())
 
 
 @pytest.mark.parametrize(
@@ -81,7 +81,8 @@ def test_grpo_estimates_match_compiled_memory():
     import jax.numpy as jnp
 
     from mtr_jax.model.qwen2 import init_params
-    from mtr_jax.train.grpo import bucket, make_grpo_loss, make_logprob_fn
+    from mtr_jax.plan import _bucket as bucket
+    from mtr_jax.train.grpo import make_grpo_loss, make_logprob_fn
 
     cfg = _cfg(**{"grpo.batch_size": 4, "grpo.group_size": 4, "grpo.minibatches": 2, "grpo.max_len": 256})
     mcfg = model_config(cfg)
@@ -92,13 +93,14 @@ def test_grpo_estimates_match_compiled_memory():
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
     mb = {"tokens": i32(1, per, T), "segment_ids": i32(1, per, T), "positions": i32(1, per, T), "mask": f32(1, per, T),
-          "old_logp": f32(1, per, T - 1), "ref_logp": f32(1, per, T - 1), "adv": f32(1, per)}
+          "old_logp": f32(1, per, T - 1), "ref_logp": f32(1, per, T - 1), "adv": f32(1, per),
+          "sampler_logp": f32(1, per, T)}
     measured = _measure_train_step(cfg, mcfg, make_grpo_loss(mcfg, g), mb, g.optim)
     planned = est["params"] + est["optimizer"] + est["gradients"] + est["activations"]
     assert abs(planned - measured) / measured < 0.25, (planned / 2**20, measured / 2**20)
-    # the no-grad log-prob forward over all B x G episodes
+    # the no-grad log-prob forward, one minibatch of episodes at a time
     params = jax.eval_shape(lambda: init_params(mcfg, jax.random.key(0)))
-    fwd = make_logprob_fn(mcfg, g.temperature).lower(params, i32(rows, T), i32(rows, T), i32(rows, T)).compile()
+    fwd = make_logprob_fn(mcfg, g.temperature).lower(params, i32(per, T), i32(per, T), i32(per, T)).compile()
     measured = _peak(fwd)
     planned = est["params"] + est["logprob_forward"]
     assert abs(planned - measured) / measured < 0.25, (planned / 2**20, measured / 2**20)
@@ -213,7 +215,7 @@ def test_sharded_estimate_matches_compiled_memory_on_8_devices():
                 return num, {"tokens": den}
             bsh = NamedSharding(mesh, P(None, *batch_sharding(mesh, 2).spec))
             b = {k: jax.ShapeDtypeStruct((1, 16, 256), jnp.int32, sharding=bsh) for k in ("tokens", "loss_mask", "segment_ids", "positions")}
-            m = make_train_step(loss_num, tx).lower(params, opt, b, jax.ShapeDtypeStruct((), jnp.float32)).compile().memory_analysis()
+            m = make_train_step(loss_num, lambda b: jnp.float32(1.0), tx).lower(params, opt, b).compile().memory_analysis()
             measured = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
             res.append((measured, estimate(cfg, mcfg, sizes, "sft")["peak"]))
         print(json.dumps(res))
