@@ -48,6 +48,7 @@ class DemoConfig:
     arch: dict = field(default_factory=lambda: dict(
         hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True,
+        attention_block=128,  # block-causal training attention: the demo's SFT step ~1.5x faster
     ))
     config: dict = field(default_factory=dict)  # a standard Config (sft/grpo/eval/run sections)
 

@@ -156,10 +156,8 @@ def _spec_leaves(tree):
         yield tree
 
 
-def causal_fraction(T: int) -> float:
+def causal_fraction(T: int, blk: int = 0) -> float:
     """Share of the T x T scores the block-causal training attention materialises (qwen2.causal_attention)."""
-    from mtr_jax.model.qwen2 import CAUSAL_BLOCK as blk
-
     if blk <= 0 or T <= blk or T % blk:
         return 1.0
     n = T // blk
@@ -172,7 +170,7 @@ def activation_bytes(mcfg, rows: int, T: int, tensor: int = 1, remat: bool | Non
     th = tensor if H % tensor == 0 and mcfg.num_key_value_heads % tensor == 0 else 1
     tv = tensor if V % tensor == 0 else 1
     ti = tensor if I % tensor == 0 else 1
-    att = rows * (H / th) * T * T * 4 * causal_fraction(T)
+    att = rows * (H / th) * T * T * 4 * causal_fraction(T, getattr(mcfg, "attention_block", 0))
     lin = rows * T * (E + I / ti) * 4
     logits = rows * T * (V / tv) * 4
     remat = mcfg.remat if remat is None else remat

@@ -147,7 +147,7 @@ def test_bf16_gradients_track_float32():
 
 
 def test_block_causal_training_attention_equals_dense():
-    """qwen2.CAUSAL_BLOCK > 0 computes the training attention block by block, skipping the masked
+    """Qwen2Config.attention_block > 0 computes the training attention block by block, skipping the masked
     upper triangle (faster at long T); the logits must not change."""
     import jax
     import numpy as np
@@ -160,12 +160,6 @@ def test_block_causal_training_attention_equals_dense():
     toks = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 256)).astype(np.int32)
     seg = np.ones((2, 256), np.int32)
     seg[1, 100:] = 2
-    old = qwen2.CAUSAL_BLOCK
-    try:
-        qwen2.CAUSAL_BLOCK = 0
-        dense = np.asarray(qwen2.forward(params, cfg, toks, segment_ids=seg))
-        qwen2.CAUSAL_BLOCK = 64
-        blocked = np.asarray(qwen2.forward(params, cfg, toks, segment_ids=seg))
-    finally:
-        qwen2.CAUSAL_BLOCK = old
+    dense = np.asarray(qwen2.forward(params, cfg, toks, segment_ids=seg))
+    blocked = np.asarray(qwen2.forward(params, cfg.replace(attention_block=64), toks, segment_ids=seg))
     assert np.abs(dense - blocked).max() <= 1e-5

@@ -62,7 +62,7 @@ def resolve_model_config(mc: ModelConfig) -> Qwen2Config:
     else:
         cfg = load_preset(mc.preset)
     arch = dict(mc.arch or {})
-    bad = sorted(set(arch) - set(Qwen2Config.HF_FIELDS))
+    bad = sorted(set(arch) - set(Qwen2Config.HF_FIELDS) - {"attention_block"})
     if bad:
         raise MtrError(f"model.arch: unknown Qwen2Config fields {bad} (known: {', '.join(Qwen2Config.HF_FIELDS)})")
     try:
