@@ -94,22 +94,10 @@ def ours_step(cfg: qwen2.Qwen2Config, params, tokens):
 
 def peer_step(cfg: qwen2.Qwen2Config, params, tokens, dtype: str):
     import torch
-    from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
 
-    hf = HFConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("dtype", "architectures", "model_type")})
-    from mtr_jax.model.hf_io import hf_names
+    from mtr_jax.model.hf_io import torch_model
 
-    model = Qwen2ForCausalLM(hf)
-    sd = {}
-    for path, (names, transpose) in hf_names(cfg).items():  # same weights as ours
-        arr = params
-        for p in path:
-            arr = arr[p]
-        arr = np.asarray(arr, np.float32)
-        for i, n in enumerate(names):
-            a = arr[i] if path[0] == "layers" else arr
-            sd[n] = torch.from_numpy(np.array(a.T if transpose else a))  # writable copy
-    model.load_state_dict(sd, strict=True)
+    model = torch_model(params, cfg)  # same weights as ours
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     model.train()

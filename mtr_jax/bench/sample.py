@@ -86,28 +86,9 @@ def matmul_floor_s(params, batch: int, repeats: int) -> float:
 
 
 def _torch_model(params, cfg):
-    import torch
-    import transformers
+    from mtr_jax.model.hf_io import torch_model
 
-    hf = transformers.Qwen2Config(**{k: v for k, v in cfg.to_hf_dict("float32").items() if k != "dtype"})
-    model = transformers.Qwen2ForCausalLM(hf).eval().to(torch.float32)
-    t = lambda a: torch.from_numpy(np.array(a, np.float32))
-    lay = params["layers"]
-    sd = {"model.embed_tokens.weight": t(params["embed"]), "model.norm.weight": t(params["final_norm"]),
-          "lm_head.weight": t(params["embed"])}
-    for i in range(cfg.num_hidden_layers):
-        pre = f"model.layers.{i}."
-        sd[pre + "input_layernorm.weight"] = t(lay["input_norm"][i])
-        sd[pre + "post_attention_layernorm.weight"] = t(lay["post_norm"][i])
-        for n in "qkv":
-            sd[pre + f"self_attn.{n}_proj.weight"] = t(lay[f"{n}_w"][i]).T.contiguous()
-            sd[pre + f"self_attn.{n}_proj.bias"] = t(lay[f"{n}_b"][i])
-        sd[pre + "self_attn.o_proj.weight"] = t(lay["o_w"][i]).T.contiguous()
-        for n in ("gate", "up", "down"):
-            sd[pre + f"mlp.{n}_proj.weight"] = t(lay[f"{n}_w"][i]).T.contiguous()
-    model.load_state_dict(sd, strict=False)
-    model.tie_weights()
-    return model
+    return torch_model(params, cfg)
 
 
 def run(args) -> dict:

@@ -134,6 +134,27 @@ def hf_names(cfg: Qwen2Config) -> dict:
     return out
 
 
+def torch_model(params, cfg: Qwen2Config, dtype: str = "float32"):
+    """transformers' PyTorch `Qwen2ForCausalLM` holding exactly `params` (the peer of the benchmarks
+    and the oracle of the tests), built in memory through the same name map as `export_hf`."""
+    import torch
+    import transformers
+
+    hf = transformers.Qwen2Config(**{k: v for k, v in cfg.to_hf_dict("float32").items() if k != "dtype"})
+    model = transformers.Qwen2ForCausalLM(hf).eval().to(torch.float32)
+    sd = {}
+    for path, (names, transpose) in hf_names(cfg).items():
+        arr = np.asarray(_get_path(params, path), np.float32)
+        for i, n in enumerate(names):
+            a = arr[i] if path[0] == "layers" else arr
+            sd[n] = torch.from_numpy(np.array(a.T if transpose else a))  # writable copy
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or any("lm_head" not in m for m in missing):
+        raise RuntimeError(f"torch_model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.to(getattr(torch, dtype))
+
+
 def _get_path(tree, path):
     for p in path:
         tree = tree[p]
