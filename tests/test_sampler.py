@@ -221,6 +221,14 @@ def test_stacked_scan_and_bf16_cache_paths(sampler):
     _, o = s.generate(PARAMS, st, max_new_tokens=16, sampling=GREEDY, key=0)
     np.testing.assert_array_equal(o.tokens[:, :4], ref.tokens[:, :4])
     np.testing.assert_allclose(o.plain_logprobs[:, 0], ref.plain_logprobs[:, 0], atol=2e-2)
+    # bf16 compute (the demo's and TPU's setting): prefill, decode, append a chunk, decode again;
+    # every attention contraction must have a bf16 kernel (XLA:CPU lacks some layouts)
+    s = Sampler(CFG.replace(dtype="bfloat16"), cache_len=256, eos_ids=[])
+    st, o = s.generate(PARAMS, s.start(PARAMS, PROMPTS), max_new_tokens=4, sampling=GREEDY, key=0)
+    np.testing.assert_allclose(o.plain_logprobs[:, 0], ref.plain_logprobs[:, 0], atol=5e-2)
+    st = s.append(PARAMS, st, [[1, 2, 3]] * len(PROMPTS))
+    _, o2 = s.generate(PARAMS, st, max_new_tokens=4, sampling=GREEDY, key=0)
+    assert o2.tokens.shape[0] == len(PROMPTS) and np.isfinite(o2.plain_logprobs).all()
 
 
 def test_no_recompilation_across_batches():

@@ -273,10 +273,14 @@ def _name_gen(rng: random.Random):
     used: set[str] = set()
 
     def word(n_syll: int) -> str:
+        tries = 0
         while True:
+            tries += 1
+            if tries % 1000 == 0:  # the short-name space is used up (large worlds): go longer
+                n_syll += 1
             w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(n_syll))
             w = w.capitalize()
-            if w.lower() not in used and 4 <= len(w) <= 8:
+            if w.lower() not in used and 4 <= len(w) <= 8 + 3 * (tries // 1000):
                 used.add(w.lower())
                 return w
 

@@ -269,18 +269,25 @@ def rope(x, positions, theta):
     return x32 * cos + rot * sin
 
 
-def attention(q, k, v, mask, cfg: Qwen2Config):
-    """Grouped-query attention. q: [B,T,H,D]; k, v: [B,S,Hkv,D]; mask: [B,T,S] bool."""
+def attention(q, k, v, mask, cfg: Qwen2Config, heads_first: bool = False):
+    """Grouped-query attention. q: [B,T,H,D]; k, v: [B,S,Hkv,D], or [B,Hkv,S,D] with heads_first
+    (the sampler's cache layout: the batched matmuls read it without a transpose per layer);
+    mask: [B,T,S] bool."""
     B, T, H, D = q.shape
-    Hkv = k.shape[2]
+    Hkv = k.shape[1 if heads_first else 2]
     rep = H // Hkv
     dt = cfg.compute_dtype
     q = q.reshape(B, T, Hkv, rep, D).astype(dt)
-    scores = mp_einsum("btgrd,bsgd->bgrts", q, k, dt)
+    kv = "bgsd" if heads_first else "bsgd"
+    scores = mp_einsum(f"btgrd,{kv}->bgrts", q, k, dt)
     scores = scores * (D ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = mp_einsum("bgrts,bsgd->btgrd", probs, v, dt)
+    if heads_first:
+        # (XLA:CPU has no bf16 kernel for this contraction written straight to btgrd when t > 1)
+        out = mp_einsum("bgrts,bgsd->bgrtd", probs, v, dt).transpose(0, 3, 1, 2, 4)
+    else:
+        out = mp_einsum("bgrts,bsgd->btgrd", probs, v, dt)
     return out.reshape(B, T, H * D)
 
 
@@ -300,9 +307,10 @@ def causal_attention(q, k, v, mask, cfg: Qwen2Config):
     return jnp.concatenate(outs, axis=1)
 
 
-def _layer(cfg: Qwen2Config, h, lw, positions, mask, kv_write, causal: bool = False):
-    """One decoder layer. kv_write(k, v) -> (k_all, v_all) lets the caller splice in a cache.
-    causal=True: keys are this same sequence (no cache), so the upper triangle can be skipped."""
+def _layer(cfg: Qwen2Config, h, lw, positions, mask, kv_write, causal: bool = False, heads_first: bool = False):
+    """One decoder layer. kv_write(k, v) -> (k_all, v_all) lets the caller splice in a cache
+    (heads_first: k_all, v_all are [B, Hkv, S, D]). causal=True: keys are this same sequence (no
+    cache), so the upper triangle can be skipped."""
     B, T, _ = h.shape
     dt = cfg.compute_dtype
     x = rms_norm(h, lw["input_norm"], cfg.rms_norm_eps).astype(dt)
@@ -312,7 +320,10 @@ def _layer(cfg: Qwen2Config, h, lw, positions, mask, kv_write, causal: bool = Fa
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
     k_all, v_all, extra = kv_write(k, v)
-    a = causal_attention(q, k_all, v_all, mask, cfg) if causal else attention(q, k_all, v_all, mask, cfg)
+    if causal:
+        a = causal_attention(q, k_all, v_all, mask, cfg)
+    else:
+        a = attention(q, k_all, v_all, mask, cfg, heads_first=heads_first)
     h = h + _mm(a.astype(dt), lw["o_w"], cfg).astype(h.dtype)
     x = rms_norm(h, lw["post_norm"], cfg.rms_norm_eps).astype(dt)
     g = _mm(x, lw["gate_w"], cfg)

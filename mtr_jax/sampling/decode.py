@@ -1,7 +1,7 @@
 """The device side of the sampler: pure functions traced under `jit` by `sampler.Sampler`.
 
 `forward_chunk` runs the Qwen2 layers (`mtr_jax.model.qwen2._layer`) over a chunk of C tokens per
-row and writes their keys/values into the stacked cache [L, B, S, Hkv, D] *in place*: one scatter
+row and writes their keys/values into the stacked cache [L, B, Hkv, S, D] *in place*: one scatter
 per layer into the whole cache (no per-layer slices re-stacked, so XLA keeps the loop-carried
 buffer in place), and padding positions of the chunk (j >= lengths[b]) are scattered to slot S,
 i.e. dropped. Dropping matters: a clamped `dynamic_update_slice` near the end of the cache would
@@ -28,7 +28,7 @@ def forward_chunk(params, cfg: Qwen2Config, k_cache, v_cache, end, tokens, lengt
     """Feed tokens [B, C] (row b: its first lengths[b]) at positions end[b]..; returns
     (logits [B, C, V] float32 or None, k_cache, v_cache, end + lengths)."""
     B, C = tokens.shape
-    S = k_cache.shape[2]
+    S = k_cache.shape[3]
     j = jnp.arange(C, dtype=jnp.int32)
     positions = end[:, None] + j[None, :]
     slots = jnp.where(j[None, :] < lengths[:, None], positions, S)  # S = out of bounds -> dropped
@@ -39,11 +39,12 @@ def forward_chunk(params, cfg: Qwen2Config, k_cache, v_cache, end, tokens, lengt
 
     def layer(h, lw, i, kc, vc):
         def kv_write(k, v):
-            kc2 = kc.at[i, rows, slots].set(k.astype(kc.dtype), mode="drop")
-            vc2 = vc.at[i, rows, slots].set(v.astype(vc.dtype), mode="drop")
+            # heads-first cache: k [B, C, Hkv, D] lands at [i, b, :, slot, :]
+            kc2 = kc.at[i, rows, :, slots].set(k.astype(kc.dtype), mode="drop")
+            vc2 = vc.at[i, rows, :, slots].set(v.astype(vc.dtype), mode="drop")
             return kc2[i], vc2[i], (kc2, vc2)
 
-        h, (kc, vc) = _layer(cfg, h, lw, positions, mask, kv_write)
+        h, (kc, vc) = _layer(cfg, h, lw, positions, mask, kv_write, heads_first=True)
         return h, kc, vc
 
     if isinstance(params["layers"], (list, tuple)):  # unstacked per-layer weights (see unstack_layers)
@@ -130,7 +131,7 @@ def decode_loop(params, cfg: Qwen2Config, cache, pending, active, max_new, key, 
     Returns (cache, pending, tokens [B, out_len], lengths, reasons, logprobs, plain_logprobs).
     """
     B = pending.shape[0]
-    S = cache["k"].shape[2]
+    S = cache["k"].shape[3]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     Lw = max((len(s) for s in stop_seqs), default=0)
     if Lw:

@@ -189,7 +189,8 @@ class Sampler:
         """Prefill [Pb, C] into a fresh cache, then give row r the cache of prompt src[r]."""
         cfg = self.cfg
         Pb = tokens.shape[0]
-        shape = (cfg.num_hidden_layers, Pb, self.cache_len, cfg.num_key_value_heads, cfg.head_dim)
+        # heads first: decode attention reads [B, Hkv, S, D] per layer with no transpose
+        shape = (cfg.num_hidden_layers, Pb, cfg.num_key_value_heads, self.cache_len, cfg.head_dim)
         k = self._constrain_cache(jnp.zeros(shape, self.cache_dtype))
         v = self._constrain_cache(jnp.zeros(shape, self.cache_dtype))
         end = jnp.zeros((Pb,), jnp.int32)
