@@ -66,6 +66,14 @@ def _read_answer(rec: QARecord) -> str:
     raise AssertionError(q)
 
 
+def test_large_world_names_stay_unique():
+    """1500 people need more one-syllable surnames than exist: the generator must go longer, not
+    loop forever (it did), and every entity name stays unique."""
+    w = make_world(seed=0, n_people=1500, n_cities=300, n_films=900, n_companies=240)
+    names = [n.lower() for n in (*w.people, *w.cities, *w.films, *w.companies)]
+    assert len(names) == 2940 and len(set(names)) == len(names)
+
+
 def test_world_is_deterministic_per_seed():
     a = [r.to_json() for r in make_world(3).questions(40)]
     b = [r.to_json() for r in make_world(3).questions(40)]
