@@ -343,7 +343,7 @@ def _run_layers(cfg: Qwen2Config, params, h, positions, mask, cache_layers=None,
             kv_write = lambda k, v: (k, v, None)
         else:
             kv_write = lambda k, v: write_fn(ck, cv, k, v)
-        return _layer(cfg, h, lw, positions, mask, kv_write, causal=ck is None)
+        return _layer(cfg, h, lw, positions, mask, kv_write, causal=ck is None, heads_first=ck is not None)
 
     if cfg.remat:
         body = jax.checkpoint(body, prevent_cse=not cfg.scan_layers)
@@ -399,9 +399,10 @@ def forward(params, cfg: Qwen2Config, tokens, positions=None, segment_ids=None):
 
 
 def init_cache(cfg: Qwen2Config, batch: int, max_len: int, dtype=None) -> dict:
-    """k, v: [L, B, S, Hkv, D]; end: [B] filled slots per row. dtype defaults to the compute dtype."""
+    """k, v: [L, B, Hkv, S, D] (heads first, as the sampler's cache: attention reads a layer's
+    slice without a transpose); end: [B] filled slots per row. dtype defaults to the compute dtype."""
     dtype = dtype or cfg.compute_dtype
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "end": jnp.zeros((batch,), jnp.int32)}
 
 
@@ -409,7 +410,7 @@ def extend(params, cfg: Qwen2Config, cache: dict, tokens, lengths):
     """Append `tokens` [B, C] (row b uses its first lengths[b]) to the cache; return logits [B, C, V]
     for every chunk position and the new cache. Positions continue from each row's `end`."""
     B, C = tokens.shape
-    S = cache["k"].shape[2]
+    S = cache["k"].shape[3]
     end = cache["end"]
     positions = end[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]  # [B, C]
     slots = jnp.arange(S, dtype=jnp.int32)
@@ -417,7 +418,8 @@ def extend(params, cfg: Qwen2Config, cache: dict, tokens, lengths):
     mask = slots[None, None, :] <= positions[:, :, None]
 
     def write(ck, cv, k, v):
-        upd = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0)))
+        # per row: c [Hkv, S, D], x [C, Hkv, D] written at slot s
+        upd = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice(c, x.transpose(1, 0, 2).astype(c.dtype), (0, s, 0)))
         ck = upd(ck, k, end)
         cv = upd(cv, v, end)
         return ck, cv, (ck, cv)
