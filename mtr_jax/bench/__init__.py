@@ -13,6 +13,38 @@ WORKLOADS = ("forward", "sample", "grpo")
 REQUIRED = ("workload", "unit", "ours", "peer", "peer_name", "ratio", "device")
 
 
+def torch_device():
+    """Where the PyTorch peer runs: CUDA when JAX runs on a GPU and torch sees one, else the CPU
+    (so ours and the peer always share a device kind)."""
+    import jax
+    import torch
+
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def torch_sync(device) -> None:
+    """Block until the peer's queued device work is done (CUDA is asynchronous; timers need this)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def matmul_precision(dtype: str):
+    """Context for a benchmark in `dtype`: float32 means true float32 on both sides. JAX's GPU/TPU
+    default would run float32 matmuls in TF32/bf16 passes while PyTorch's default is full float32,
+    so float32 runs use precision 'highest' (a no-op on the CPU, where f32 is always f32)."""
+    import contextlib
+
+    import jax
+
+    if dtype == "float32" and jax.default_backend() != "cpu":
+        return jax.default_matmul_precision("highest")
+    return contextlib.nullcontext()
+
+
 def cli(args) -> int:
     if args.workload not in WORKLOADS:
         raise MtrError(f"unknown bench workload '{args.workload}' (known: {', '.join(WORKLOADS)})")

@@ -65,8 +65,10 @@ def step_flops(cfg: qwen2.Qwen2Config, batch: int, seq: int) -> float:
     return 3.0 * fwd
 
 
-def matmul_peak(dtype: str, n: int = 2048, iters: int = 5) -> float:
-    """FLOP/s of an n x n x n jnp matmul in `dtype` (f32 accumulation), best of `iters`."""
+def matmul_peak(dtype: str, n: int | None = None, iters: int = 5) -> float:
+    """FLOP/s of an n x n x n jnp matmul in `dtype` (f32 accumulation), best of `iters`. n: 2048 on
+    a CPU, 8192 on an accelerator (a smaller product does not fill a GPU)."""
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
     dt = qwen2.DTYPES[dtype]
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dt)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dt)
@@ -92,22 +94,22 @@ def ours_step(cfg: qwen2.Qwen2Config, params, tokens):
     return lambda: float(jax.block_until_ready(grad_fn(params, tokens))[0])
 
 
-def peer_step(cfg: qwen2.Qwen2Config, params, tokens, dtype: str):
+def peer_step(cfg: qwen2.Qwen2Config, params, tokens, dtype: str, device):
     import torch
 
     from mtr_jax.model.hf_io import torch_model
 
-    model = torch_model(params, cfg)  # same weights as ours
+    model = torch_model(params, cfg).to(device)  # same weights as ours
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     model.train()
-    ids = torch.from_numpy(np.asarray(tokens).astype(np.int64))
+    ids = torch.from_numpy(np.asarray(tokens).astype(np.int64)).to(device)
 
     def step():
         model.zero_grad(set_to_none=True)
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
-        return float(out.loss.detach())
+        return float(out.loss.detach())  # .item() waits for the device
 
     step.attn_implementation = getattr(model.config, "_attn_implementation", "?")
     return step
@@ -120,40 +122,51 @@ def run(args) -> dict:
             raise MtrError(f"--dtype {d}: expected float32 or bfloat16")
     quick = bool(getattr(args, "quick", False))
     warmup, iters = (1, 3) if quick else (2, 7)
+    if jax.default_backend() != "cpu":  # steps take milliseconds there: more of them for a stable median
+        warmup, iters = 5, 30
     threads = _threads()
     import torch
 
+    from mtr_jax.bench import matmul_precision, torch_device
+
     torch.set_num_threads(threads)
+    tdev = torch_device()
     dev = jax.devices()[0]
     device = f"{dev.platform}:{getattr(dev, 'device_kind', dev.platform)} x{jax.device_count()}, {threads} threads"
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, SHAPE["vocab_size"], (BATCH, SEQ)), jnp.int32)
     res: dict = {"workload": "forward", "unit": "tokens/s", "device": device, "shape": dict(SHAPE, batch=BATCH, seq=SEQ)}
     for dtype in dtypes:
-        cfg = qwen2.Qwen2Config(**SHAPE, dtype=dtype, param_dtype="float32")
-        # std 0.1 (not 0.02) so the loss is far from log(V) and the loss check below means something
-        params = jax.jit(lambda k: qwen2.init_params(cfg, k, std=0.1))(jax.random.key(0))
-        flops = step_flops(cfg, BATCH, SEQ)
-        _log(f"{dtype}: matmul peak")
-        peak = matmul_peak(dtype)
-        ours = ours_step(cfg, params, tokens)
-        peer = peer_step(cfg, params, tokens, dtype)
-        loss_diff = abs(ours() - peer())  # same weights and batch: the same workload, not just the same shape
-        _log(f"{dtype}: {warmup} warm-up + {iters} timed steps each, alternating ours / peer")
-        t_ours, t_peer = _time_pair(ours, peer, warmup, iters)
-        _log(f"{dtype}: ours {BATCH * SEQ / t_ours:.0f} tokens/s, peer {BATCH * SEQ / t_peer:.0f} tokens/s")
-        res[dtype] = {
-            "ours": BATCH * SEQ / t_ours,
-            "peer": BATCH * SEQ / t_peer,
-            "ratio": t_peer / t_ours,
-            "ours_step_s": t_ours,
-            "peer_step_s": t_peer,
-            "matmul_peak_gflops": peak / 1e9,
-            "ours_mfu": flops / t_ours / peak,
-            "peer_mfu": flops / t_peer / peak,
-            "loss_abs_diff": loss_diff,
-            "peer_attention": peer.attn_implementation,
-        }
+        with matmul_precision(dtype):
+            res[dtype] = _measure(dtype, tokens, tdev, warmup, iters)
     head = res[dtypes[0]]  # headline: float32 (or the one --dtype asked for); both are in the extras
     res.update(ours=head["ours"], peer=head["peer"], ratio=head["ratio"], headline_dtype=dtypes[0],
-               peer_name=f"transformers {__import__('transformers').__version__} PyTorch {torch.__version__} eager Qwen2ForCausalLM")
+               peer_name=f"transformers {__import__('transformers').__version__} PyTorch {torch.__version__} eager "
+                         f"Qwen2ForCausalLM on {tdev.type}")
     return res
+
+
+def _measure(dtype: str, tokens, tdev, warmup: int, iters: int) -> dict:
+    cfg = qwen2.Qwen2Config(**SHAPE, dtype=dtype, param_dtype="float32")
+    # std 0.1 (not 0.02) so the loss is far from log(V) and the loss check below means something
+    params = jax.jit(lambda k: qwen2.init_params(cfg, k, std=0.1))(jax.random.key(0))
+    flops = step_flops(cfg, BATCH, SEQ)
+    _log(f"{dtype}: matmul peak")
+    peak = matmul_peak(dtype)
+    ours = ours_step(cfg, params, tokens)
+    peer = peer_step(cfg, params, tokens, dtype, tdev)
+    loss_diff = abs(ours() - peer())  # same weights and batch: the same workload, not just the same shape
+    _log(f"{dtype}: {warmup} warm-up + {iters} timed steps each, alternating ours / peer")
+    t_ours, t_peer = _time_pair(ours, peer, warmup, iters)
+    _log(f"{dtype}: ours {BATCH * SEQ / t_ours:.0f} tokens/s, peer {BATCH * SEQ / t_peer:.0f} tokens/s")
+    return {
+        "ours": BATCH * SEQ / t_ours,
+        "peer": BATCH * SEQ / t_peer,
+        "ratio": t_peer / t_ours,
+        "ours_step_s": t_ours,
+        "peer_step_s": t_peer,
+        "matmul_peak_gflops": peak / 1e9,
+        "ours_mfu": flops / t_ours / peak,
+        "peer_mfu": flops / t_peer / peak,
+        "loss_abs_diff": loss_diff,
+        "peer_attention": peer.attn_implementation,
+    }

@@ -92,8 +92,15 @@ def _torch_model(params, cfg):
 
 
 def run(args) -> dict:
-    quick = bool(getattr(args, "quick", False))
+    from mtr_jax.bench import matmul_precision
+
     dtype = getattr(args, "dtype", None) or "float32"
+    with matmul_precision(dtype):
+        return _run(args, dtype)
+
+
+def _run(args, dtype: str) -> dict:
+    quick = bool(getattr(args, "quick", False))
     sh = _shapes(quick)
     cfg = qwen2.Qwen2Config(**sh["model"], max_position_embeddings=4096, rope_theta=10000.0,
                             tie_word_embeddings=True, dtype=dtype, param_dtype=dtype)
@@ -121,14 +128,19 @@ def run(args) -> dict:
     # OpenMP threads can be 20x slower with 2 threads than with 1: we compare against its best).
     import torch
 
-    model = _torch_model(params, cfg).to(getattr(torch, dtype))  # same dtype as ours
-    ids = torch.tensor(prompts)
+    from mtr_jax.bench import torch_device, torch_sync
+
+    tdev = torch_device()  # CUDA when ours runs on a GPU
+    model = _torch_model(params, cfg).to(getattr(torch, dtype)).to(tdev)  # same dtype as ours
+    ids = torch.tensor(prompts).to(tdev)
     mask = torch.ones_like(ids)
 
     def peer(n=N):
         with torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, eos_token_id=None, pad_token_id=0)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+        torch_sync(tdev)
+        return out
 
     probe = {}
     for th in sorted({threads, 1}):
@@ -151,7 +163,7 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         hf_out = peer()
         hf_time = min(hf_time, time.perf_counter() - t0)
-    our_tokens, hf_tokens = out.tokens, hf_out[:, T:].numpy()
+    our_tokens, hf_tokens = out.tokens, hf_out[:, T:].cpu().numpy()
     ours_tps, peer_tps = B * N / best_total, B * N / hf_time
     _log(f"ours: {best_total:.3f}s, {ours_tps:.1f} tokens/s, decode {1e3 * best_decode / N:.2f} ms/step "
          f"({sampler.compiled_programs()} programs)")
@@ -197,8 +209,8 @@ def run(args) -> dict:
         "unit": "tokens/s",
         "ours": round(ours_tps, 2),
         "peer": round(peer_tps, 2),
-        "peer_name": f"transformers {__import__('transformers').__version__} generate (PyTorch {torch.__version__}, "
-                     f"{peer_threads} of {threads} threads, greedy)",
+        "peer_name": f"transformers {__import__('transformers').__version__} generate (PyTorch {torch.__version__} on "
+                     f"{tdev.type}, {peer_threads} of {threads} threads, greedy)",
         "ratio": round(ours_tps / peer_tps, 3),
         "device": f"{dev.platform}:{getattr(dev, 'device_kind', dev.platform)} ({threads} cores)",
         "shape": dict(sh["model"], batch=B, prompt=T, new_tokens=N, dtype=dtype, params_M=round(n_params / 1e6, 2)),
