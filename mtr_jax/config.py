@@ -104,6 +104,8 @@ class GRPOConfig:
     scale_std: bool = True  # False = Dr. GRPO (no std division)
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     drop_equal_groups: bool = False
+    # the update runs each group's shared prompt once (same loss and gradient as full rows, tested)
+    share_prompt: bool = True
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0

@@ -240,6 +240,83 @@ def test_grpo_on_policy_shortcut_equals_explicit_old_logprobs():
     np.testing.assert_allclose(_flat(g_on), _flat(g_off), atol=1e-6)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_shared_prompt_logprobs_and_gradients_equal_full_rows(scan):
+    """The update's shared-prompt forward (each group's prompt run once) gives the full-row
+    forward's log-probs, entropies and gradients on every completion token, for prompts of
+    different lengths (right-padded) and G completions each."""
+    import jax.numpy as jnp
+
+    from mtr_jax.train import losses
+
+    mc = qwen2.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, scan_layers=scan)
+    params = qwen2.init_params(mc, jax.random.PRNGKey(0), std=0.2)
+    rng = np.random.RandomState(1)
+    Bq, G, P, C = 3, 3, 16, 8
+    plen = np.array([16, 9, 4], np.int32)
+    prompts = rng.randint(1, 96, (Bq, P)).astype(np.int32)
+    comps = rng.randint(1, 96, (Bq * G, C)).astype(np.int32)
+    w = rng.normal(size=(Bq * G, C)).astype(np.float32)
+    # full rows: prompt + completion, right-padded to P + C, label-side positions plen-1 .. plen+C-2
+    T = P + C
+    rows = np.zeros((Bq * G, T), np.int32)
+    seg = np.zeros((Bq * G, T), np.int32)
+    for r in range(Bq * G):
+        n = plen[r // G]
+        rows[r, :n + C] = np.concatenate([prompts[r // G, :n], comps[r]])
+        seg[r, :n + C] = 1
+    idx = (plen.repeat(G) - 1)[:, None] + np.arange(C)[None, :]
+
+    def shared(p):
+        lp, ent = losses.completion_logprobs(p, mc, prompts, plen, comps)
+        return jnp.sum(w * lp), (lp, ent)
+
+    def full(p):
+        lp, ent = losses.token_logprobs(p, mc, rows, seg)
+        lp, ent = jnp.take_along_axis(lp, idx, axis=1), jnp.take_along_axis(ent, idx, axis=1)
+        return jnp.sum(w * lp), (lp, ent)
+
+    (v_s, (lp_s, ent_s)), g_s = jax.value_and_grad(shared, has_aux=True)(params)
+    (v_f, (lp_f, ent_f)), g_f = jax.value_and_grad(full, has_aux=True)(params)
+    np.testing.assert_allclose(np.asarray(lp_s), np.asarray(lp_f), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ent_s), np.asarray(ent_f), atol=1e-5)
+    assert float(jnp.max(jnp.abs(lp_s))) > 1.0  # not a degenerate all-equal case
+    np.testing.assert_allclose(_flat(g_s), _flat(g_f), rtol=1e-5, atol=2e-5)  # f32 summation order
+    assert float(np.abs(_flat(g_f)).max()) > 1e-2
+
+
+def test_grpo_shared_prompt_update_equals_full_rows(tmp_path):
+    """One GRPO update (mu=2, two minibatches, beta > 0) of the same episodes from the same params:
+    the shared-prompt update and the full-row update give the same parameters and metrics. The
+    episodes are real rollouts, extended by a tool response (masked) and a second turn, so the
+    completion coordinates hold masked tokens between generated ones, as multi-turn episodes do."""
+    from mtr_jax.train.grpo import GRPOTrainer
+
+    rng = np.random.RandomState(0)
+    out = {}
+    for share in (True, False):
+        cfg, mc, params, tok, train, actor, tm = grpo_setting(str(tmp_path / str(share)), extra=[f"grpo.share_prompt={str(share).lower()}"])
+        p0 = _flat(params)  # (the update donates the params' buffers)
+        tr = GRPOTrainer(cfg, mc, params, tok, train, actor, tm)
+        if share:
+            eps = tr.rollout(train[:2], jax.random.PRNGKey(3), 2)
+            for k, e in enumerate(eps):  # tool response (not trained on), then a second turn
+                extra = list(rng.randint(5, 60, 5 + k))
+                e.token_ids += extra + extra[:3]
+                e.loss_mask += [0] * len(extra) + [1] * 3
+                e.logprobs += [0.0] * len(extra) + [-1.5] * 3
+            adv = rng.normal(size=len(eps)).astype(np.float32)
+        met = tr._update(eps, adv)
+        assert met["shared_prompt"] == float(share)
+        out[share] = (_flat(tr.params), met)
+    (p_s, m_s), (p_f, m_f) = out[True], out[False]
+    for k in ("loss", "kl", "entropy", "clip_frac", "logprob_gap"):
+        assert abs(m_s[k] - m_f[k]) < 1e-5, (k, m_s[k], m_f[k])
+    assert m_s["kl"] > 0 and m_s["loss"] != 0
+    assert np.abs(p_s - p_f).max() < 1e-6 and np.abs(p_s - p0).max() > 1e-4
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input at the CLI: one line, exit 2.
 

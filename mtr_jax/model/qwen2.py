@@ -359,7 +359,7 @@ def _run_layers(cfg: Qwen2Config, params, h, positions, mask, cache_layers=None,
         cv = cv_all[i] if cv_all is not None else None
         h, e = body(h, (lw, ck, cv))
         extras.append(e)
-    if cache_layers is None:
+    if cache_layers is None or extras[0] is None:
         return h, None
     return h, (jnp.stack([e[0] for e in extras]), jnp.stack([e[1] for e in extras]))
 
@@ -409,6 +409,12 @@ def init_cache(cfg: Qwen2Config, batch: int, max_len: int, dtype=None) -> dict:
 def extend(params, cfg: Qwen2Config, cache: dict, tokens, lengths):
     """Append `tokens` [B, C] (row b uses its first lengths[b]) to the cache; return logits [B, C, V]
     for every chunk position and the new cache. Positions continue from each row's `end`."""
+    h, new_cache = extend_hidden(params, cfg, cache, tokens, lengths)
+    return _head(cfg, params, h), new_cache
+
+
+def extend_hidden(params, cfg: Qwen2Config, cache: dict, tokens, lengths):
+    """`extend` without the LM head: final hidden states [B, C, E] (before the final norm)."""
     B, C = tokens.shape
     S = cache["k"].shape[3]
     end = cache["end"]
@@ -426,9 +432,37 @@ def extend(params, cfg: Qwen2Config, cache: dict, tokens, lengths):
 
     h = jnp.take(params["embed"], tokens, axis=0).astype(jnp.float32)
     h, (nk, nv) = _run_layers(cfg, params, h, positions, mask, (cache["k"], cache["v"]), write)
-    logits = _head(cfg, params, h)
-    new_cache = {"k": nk, "v": nv, "end": end + lengths.astype(jnp.int32)}
-    return logits, new_cache
+    return h, {"k": nk, "v": nv, "end": end + lengths.astype(jnp.int32)}
+
+
+def shared_prefix_hidden(params, cfg: Qwen2Config, prompts, prompt_lens, completions):
+    """Hidden states of G completions per prompt with each prompt run ONCE (GRPO's groups share
+    their prompt, which is most of each row's tokens). prompts [Bq, P] (row q uses its first
+    prompt_lens[q]), completions [Bq*G, C] (rows q*G..q*G+G-1 continue prompt q, at positions
+    prompt_lens[q] + j). Returns (h at each prompt's last token [Bq, E], h of every completion
+    token [Bq*G, C, E]): the same numbers as `hidden_states` on the concatenated rows.
+    Differentiable: the prompt's keys and values carry gradient from all G completions."""
+    Bq, P = prompts.shape
+    R, C = completions.shape
+    G = R // Bq
+    cache = init_cache(cfg, Bq, P)
+    h_p, cache = extend_hidden(params, cfg, cache, prompts, prompt_lens)
+    h_last = jnp.take_along_axis(h_p, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+    lens = jnp.repeat(prompt_lens, G)  # [R]
+    positions = lens[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]
+    # a completion token sees its prompt's real tokens and the completion up to itself
+    prompt_keys = jnp.arange(P)[None, None, :] < lens[:, None, None]
+    own_keys = jnp.tril(jnp.ones((C, C), bool))[None]
+    mask = jnp.concatenate([jnp.broadcast_to(prompt_keys, (R, C, P)), jnp.broadcast_to(own_keys, (R, C, C))], axis=2)
+
+    def write(ck, cv, k, v):  # ck: this layer's prompt keys [Bq, Hkv, P, D]; k: [R, C, Hkv, D]
+        k_all = jnp.concatenate([jnp.repeat(ck, G, axis=0), k.transpose(0, 2, 1, 3).astype(ck.dtype)], axis=2)
+        v_all = jnp.concatenate([jnp.repeat(cv, G, axis=0), v.transpose(0, 2, 1, 3).astype(cv.dtype)], axis=2)
+        return k_all, v_all, None
+
+    h = jnp.take(params["embed"], completions, axis=0).astype(jnp.float32)
+    h_c, _ = _run_layers(cfg, params, h, positions, mask, (cache["k"], cache["v"]), write)
+    return h_last, h_c
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,11 +42,61 @@ def episodes_to_batch(eps, rows: int, length: int, pad_id: int):
     return {"tokens": tokens, "segment_ids": seg, "positions": pos, "mask": mask, "sampler_logp": slogp}
 
 
+def episodes_to_shared_batch(eps, groups: int, group_size: int, pad_id: int, max_len: int, bucket: int = 64):
+    """Completion coordinates for the shared-prompt update: each group's prompt once and its G
+    completions (everything after the prompt: sampled turns AND appended tool responses).
+    prompts [groups, P], prompt_lens [groups], completions / mask / sampler_logp [groups*G, C]
+    (index j = completion token j), episode [groups*G] (1 = a real episode; padding groups are
+    0). P and C are rounded up to `bucket` (few shapes, no recompiles). None when a group's
+    episodes do not share their prompt (then the full-row update is used)."""
+    n = len(eps)
+    if n % group_size:
+        return None
+    spans = []
+    for e in eps:
+        p = e.prompt_len if e.prompt_len < max_len else 1  # a prompt that never ran: nothing to score
+        spans.append((e.token_ids[:p], e.token_ids[p:] if e.prompt_len < max_len else []))
+    for q in range(n // group_size):
+        first = spans[q * group_size][0]
+        if any(spans[q * group_size + i][0] != first for i in range(1, group_size)):
+            return None
+    up = lambda x: max(-(-x // bucket) * bucket, bucket)
+    P = up(max(len(pr) for pr, _ in spans))
+    C = up(max(len(c) for _, c in spans))
+    rows = groups * group_size
+    prompts = np.full((groups, P), pad_id, np.int32)
+    lens = np.ones(groups, np.int32)
+    comp = np.full((rows, C), pad_id, np.int32)
+    mask = np.zeros((rows, C), np.float32)
+    slogp = np.zeros((rows, C), np.float32)
+    episode = np.zeros(rows, np.float32)
+    for i, (e, (pr, c)) in enumerate(zip(eps, spans)):
+        if i % group_size == 0:
+            prompts[i // group_size, :len(pr)] = pr
+            lens[i // group_size] = len(pr)
+        k, p = len(c), len(pr)
+        comp[i, :k] = c
+        if e.prompt_len < max_len:
+            mask[i, :k] = e.loss_mask[p:]
+            slogp[i, :k] = e.logprobs[p:]
+        episode[i] = 1.0
+    return {"prompts": prompts, "prompt_lens": lens, "completions": comp, "mask": mask, "sampler_logp": slogp,
+            "episode": episode}
+
+
 def make_logprob_fn(model_cfg, temperature: float):
     @jax.jit
     def fn(params, tokens, seg, pos):
         logp, ent = losses.token_logprobs(params, model_cfg, tokens, seg, pos, temperature)
         return logp, ent
+
+    return fn
+
+
+def make_shared_logprob_fn(model_cfg, temperature: float):
+    @jax.jit
+    def fn(params, prompts, prompt_lens, completions):
+        return losses.completion_logprobs(params, model_cfg, prompts, prompt_lens, completions, temperature)
 
     return fn
 
@@ -57,15 +107,21 @@ def make_grpo_loss(model_cfg, g, on_policy: bool = False):
     separate old-policy forward is skipped; the sampler/trainer gap is measured here instead."""
 
     def loss_num(p, mb):
-        logp, ent = losses.token_logprobs(p, model_cfg, mb["tokens"], mb["segment_ids"], mb["positions"], g.temperature)
-        m = mb["mask"][:, 1:]
+        if "prompts" in mb:  # completion coordinates, each group's prompt run once
+            logp, ent = losses.completion_logprobs(p, model_cfg, mb["prompts"], mb["prompt_lens"], mb["completions"],
+                                                   g.temperature)
+            m, sampler_logp = mb["mask"], mb["sampler_logp"]
+        else:
+            logp, ent = losses.token_logprobs(p, model_cfg, mb["tokens"], mb["segment_ids"], mb["positions"],
+                                              g.temperature)
+            m, sampler_logp = mb["mask"][:, 1:], mb["sampler_logp"][:, 1:]
         old = jax.lax.stop_gradient(logp) if on_policy else mb["old_logp"]
         num, st = losses.grpo_loss_num(
             logp, old, mb["ref_logp"], mb["adv"], m, eps_low=g.epsilon_low, eps_high=g.epsilon_high,
             beta=g.beta, loss_agg=g.loss_agg, max_len=g.max_new_tokens * g.max_turns,
         )
         st["entropy_sum"] = jnp.sum(ent * m)
-        st["gap_sum"] = jnp.sum(jnp.abs(jax.lax.stop_gradient(logp) - mb["sampler_logp"][:, 1:]) * m)
+        st["gap_sum"] = jnp.sum(jnp.abs(jax.lax.stop_gradient(logp) - sampler_logp) * m)
         return num, st
 
     return loss_num
@@ -101,6 +157,7 @@ class GRPOTrainer:
                                mesh=mesh)
         self.sampling = SamplingParams(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
         self.logprob_fn = make_logprob_fn(model_cfg, g.temperature)
+        self.shared_logprob_fn = make_shared_logprob_fn(model_cfg, g.temperature)
         # mu = 1 and one minibatch: on-policy, no separate old-policy forward (as TRL and tunix do)
         self.on_policy = g.mu == 1 and g.minibatches == 1
         self.step_fn = make_train_step(make_grpo_loss(model_cfg, g, self.on_policy),
@@ -152,27 +209,40 @@ class GRPOTrainer:
         g = self.g
         n = len(eps)
         mbs = g.minibatches
-        # rows padded to B*G and length to a multiple of 128 (capped at max_len): a handful of
-        # shapes whatever the episodes, so no recompiles, and little padding
         rows = g.batch_size * g.group_size
-        length = min(-(-max(len(e.token_ids) for e in eps) // 128) * 128, max(g.max_len, 128))
-        b = episodes_to_batch(eps, rows, length, self.pad_id)
+        shared = None
+        if g.share_prompt and (rows // mbs) % g.group_size == 0:  # minibatches hold whole groups
+            shared = episodes_to_shared_batch(eps, g.batch_size, g.group_size, self.pad_id, g.max_len)
+        if shared is not None:
+            b = shared
+            lp = lambda params: self._shared_logprobs(params, b, mbs)
+            n_gen = max(float(b["mask"].sum()), 1.0)
+            sampler_logp = b["sampler_logp"]
+            data = {k: b[k] for k in ("prompts", "prompt_lens", "completions", "mask", "sampler_logp", "episode")}
+            zeros = np.zeros(b["mask"].shape, np.float32)
+            gen_mask = b["mask"]
+        else:
+            b = self._full_rows(eps, rows)
+            lp = lambda params: self._logprobs(params, b, mbs)
+            n_gen = max(float(b["mask"][:, 1:].sum()), 1.0)
+            sampler_logp = b["sampler_logp"][:, 1:]
+            data = {k: b[k] for k in ("tokens", "segment_ids", "positions", "mask", "sampler_logp")}
+            zeros = np.zeros((rows, b["tokens"].shape[1] - 1), np.float32)
+            gen_mask = b["mask"][:, 1:]
         adv_full = np.zeros(rows, np.float32)
         adv_full[:n] = adv
-        zeros = np.zeros((rows, length - 1), np.float32)
-        old_logp = zeros if self.on_policy else self._logprobs(self.params, b, mbs)
-        ref_logp = self._logprobs(self.ref_params, b, mbs) if g.beta else zeros
-        data = {"tokens": b["tokens"], "segment_ids": b["segment_ids"], "positions": b["positions"], "mask": b["mask"],
-                "old_logp": old_logp, "ref_logp": ref_logp, "adv": adv_full, "sampler_logp": b["sampler_logp"]}
-        n_gen = max(float(b["mask"][:, 1:].sum()), 1.0)
-        gap = None if self.on_policy else float(np.abs((old_logp - b["sampler_logp"][:, 1:]) * b["mask"][:, 1:]).sum() / n_gen)
+        old_logp = zeros if self.on_policy else lp(self.params)
+        ref_logp = lp(self.ref_params) if g.beta else zeros
+        data.update(old_logp=old_logp, ref_logp=ref_logp, adv=adv_full)
+        gap = None if self.on_policy else float(np.abs((old_logp - sampler_logp) * gen_mask).sum() / n_gen)
         per = rows // mbs
         tot = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "skipped": 0.0}
         count = 0
         for _ in range(g.mu):
             for j in range(mbs):
                 sl = slice(j * per, (j + 1) * per)
-                mb = {k: v[sl] for k, v in data.items()}
+                gsl = slice(j * per // g.group_size, (j + 1) * per // g.group_size)
+                mb = {k: v[gsl] if k in ("prompts", "prompt_lens") else v[sl] for k, v in data.items()}
                 mb = put_micro_batches(split_micro(mb, 1), self.mesh)
                 self.params, self.opt_state, met = self.step_fn(self.params, self.opt_state, mb)
                 met = jax.device_get(met)
@@ -189,7 +259,15 @@ class GRPOTrainer:
         out = {k: v / count for k, v in tot.items()}
         out["skipped"] = tot["skipped"]
         out["logprob_gap"] = gap
+        out["shared_prompt"] = float(shared is not None)
         return out
+
+    def _full_rows(self, eps, rows):
+        g = self.g
+        # rows padded to B*G and length to a multiple of 128 (capped at max_len): a handful of
+        # shapes whatever the episodes, so no recompiles, and little padding
+        length = min(-(-max(len(e.token_ids) for e in eps) // 128) * 128, max(g.max_len, 128))
+        return episodes_to_batch(eps, rows, length, self.pad_id)
 
     def _logprobs(self, params, b, chunks):
         """Teacher-forced log-probs, `chunks` rows groups at a time (the [rows, T, vocab] logits
@@ -197,6 +275,14 @@ class GRPOTrainer:
         per = b["tokens"].shape[0] // chunks
         out = [np.asarray(self.logprob_fn(params, *(b[k][j * per:(j + 1) * per] for k in ("tokens", "segment_ids", "positions")))[0])
                for j in range(chunks)]
+        return np.concatenate(out, axis=0)
+
+    def _shared_logprobs(self, params, b, chunks):
+        """`_logprobs` in completion coordinates, `chunks` runs of whole groups."""
+        gq = b["prompts"].shape[0] // chunks
+        per = gq * self.g.group_size
+        out = [np.asarray(self.shared_logprob_fn(params, b["prompts"][j * gq:(j + 1) * gq], b["prompt_lens"][j * gq:(j + 1) * gq],
+                                                 b["completions"][j * per:(j + 1) * per])[0]) for j in range(chunks)]
         return np.concatenate(out, axis=0)
 
     @staticmethod

@@ -41,6 +41,23 @@ def token_logprobs(params, cfg, tokens, segment_ids=None, positions=None, temper
     return logp, entropy
 
 
+def completion_logprobs(params, cfg, prompts, prompt_lens, completions, temperature: float = 1.0):
+    """`token_logprobs` of every completion token with each group's shared prompt run once
+    (`qwen2.shared_prefix_hidden`): log p(completions[r, j] | prompt, completions[r, :j]), [R, C],
+    plus the entropy of each of those predictive distributions."""
+    h_last, h_c = qwen2.shared_prefix_hidden(params, cfg, prompts, prompt_lens, completions)
+    G = completions.shape[0] // prompts.shape[0]
+    # token j is predicted from the state before it: the prompt's last token for j = 0
+    h_pred = jnp.concatenate([jnp.repeat(h_last, G, axis=0)[:, None], h_c[:, :-1]], axis=1)
+    logits = qwen2._head(cfg, params, h_pred)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    logp = jnp.take_along_axis(logits, completions[..., None], axis=-1)[..., 0] - logz
+    probs = jax.nn.softmax(logits, axis=-1)
+    return logp, logz - jnp.sum(probs * logits, axis=-1)
+
+
 def sft_loss_num(params, cfg, batch):
     """Sum of next-token cross-entropy over assistant tokens. batch: tokens, loss_mask, segment_ids,
     positions [B, T]; loss_mask marks tokens to be PREDICTED (the label side)."""
@@ -60,7 +77,10 @@ def sft_denominator(batches):
 
 def grpo_denominator_jnp(batches, loss_agg: str):
     """`grpo_denominator` inside jit over the whole step: generated tokens (token-mean) or real
-    episodes (sequence means; padding rows have no tokens at all)."""
+    episodes (sequence means; padding rows have no tokens at all). Full rows (mask on the label
+    side, [.., T]) or completion coordinates (shared prompts: mask [.., C], `episode` per row)."""
+    if "episode" in batches:
+        return jnp.sum(batches["mask"]) if loss_agg == "token-mean" else jnp.sum(batches["episode"])
     if loss_agg == "token-mean":
         return jnp.sum(batches["mask"][..., 1:])
     return jnp.sum(jnp.any(batches["segment_ids"] > 0, axis=-1))
