@@ -278,13 +278,17 @@ def attention(q, k, v, mask, cfg: Qwen2Config, heads_first: bool = False):
     rep = H // Hkv
     dt = cfg.compute_dtype
     q = q.reshape(B, T, Hkv, rep, D).astype(dt)
-    kv = "bgsd" if heads_first else "bsgd"
-    scores = mp_einsum(f"btgrd,{kv}->bgrts", q, k, dt)
+    if heads_first:
+        # everything in bgr-first order: XLA:CPU has no bf16 kernel for a contraction with the
+        # btgrd layout against a heads-first cache when t > 1 (forward: probs @ v; backward: dq)
+        q = q.transpose(0, 2, 3, 1, 4)  # [B, Hkv, rep, T, D]
+        scores = mp_einsum("bgrtd,bgsd->bgrts", q, k, dt)
+    else:
+        scores = mp_einsum("btgrd,bsgd->bgrts", q, k, dt)
     scores = scores * (D ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     if heads_first:
-        # (XLA:CPU has no bf16 kernel for this contraction written straight to btgrd when t > 1)
         out = mp_einsum("bgrts,bgsd->bgrtd", probs, v, dt).transpose(0, 3, 1, 2, 4)
     else:
         out = mp_einsum("bgrts,bsgd->btgrd", probs, v, dt)
