@@ -40,7 +40,6 @@ class WorldConfig:
     n_films: int = 200
     n_companies: int = 60
     kinds: list = field(default_factory=lambda: ["film_director_birthplace", "company_founder_birthplace", "person_country"])
-    copy_drills: int = 0  # short name-copying examples packed beside the traces (see synthetic.copy_drills)
 
 
 @dataclass
@@ -137,12 +136,6 @@ def run_demo(demo: DemoConfig, cfg: Config, out_dir: str, progress: bool = True,
     lens = [len(e[0]) for e in examples]
     log(f"[3/6] tokenizer: {len(tok)} tokens; model: Qwen2 {n_params / 1e6:.2f}M params; "
         f"traces: {len(examples)} ({dropped} too long), mean {np.mean(lens):.0f} tokens")
-    if w.copy_drills:
-        from mtr_jax.data.synthetic import copy_drills, entity_names
-
-        drills = [_drill_example(tok, c, t) for c, t in copy_drills(w.copy_drills, w.seed, entity_names(world))]
-        examples = examples + drills
-        log(f"      + {len(drills)} copy drills, mean {np.mean([len(d[0]) for d in drills]):.0f} tokens")
 
     results = {}
 
@@ -182,13 +175,6 @@ def run_demo(demo: DemoConfig, cfg: Config, out_dir: str, progress: bool = True,
         log(f"{stage:<12}{r['em']:>8.3f}{r['f1']:>8.3f}{r['n']:>6d}")
     log(f"done in {time.perf_counter() - t_start:.0f}s; results.json, curves.png and traces in {out_dir}")
     return results
-
-
-def _drill_example(tok, context: str, target: str):
-    """(ids, loss_mask) of a copy drill: loss on the target (the copy) only."""
-    c = tok(context, add_special_tokens=False)["input_ids"]
-    t = tok(target, add_special_tokens=False)["input_ids"]
-    return np.asarray(c + t, np.int32), np.asarray([0] * len(c) + [1] * len(t), np.int32)
 
 
 def sibling_tokenizer(w: WorldConfig, toolmaker, agent, n_worlds: int = 4):

@@ -287,32 +287,6 @@ def _name_gen(rng: random.Random):
     return word
 
 
-def copy_drills(n: int, seed: int = 0, exclude: set[str] = frozenset(), min_items: int = 4,
-                max_items: int = 10) -> list[tuple[str, str]]:
-    """`n` copy drills (context, target): a line of fresh made-up names, as they appear in traces
-    (bare, after a space, or quoted), and the same line again as the target. Names come from the
-    world's name generator with their own seed (never the names in `exclude`, e.g. the held-out
-    entities). Trained on, they teach a tiny model to copy a name it has never seen, which every
-    trace needs (question -> search query, observation -> lookup title -> answer) and which 300
-    steps of traces alone do not teach it."""
-    rng = random.Random(10_000 + seed)
-    word = _name_gen(rng)
-    excluded = {e.lower() for e in exclude}
-    out = []
-    for _ in range(n):
-        items = []
-        for _ in range(rng.randint(min_items, max_items)):
-            name = word(rng.choice((2, 2, 3)))
-            while name.lower() in excluded:
-                name = word(2)
-            if rng.random() < 0.5:
-                name += " " + word(rng.choice((1, 2)))
-            items.append(f'"{name}"' if rng.random() < 0.3 else name)
-        line = ", ".join(items)
-        out.append((f"copy: {line}\n", line + "\n"))
-    return out
-
-
 def make_world(
     seed: int = 0,
     n_people: int = 60,

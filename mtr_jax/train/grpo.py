@@ -42,12 +42,13 @@ def episodes_to_batch(eps, rows: int, length: int, pad_id: int):
     return {"tokens": tokens, "segment_ids": seg, "positions": pos, "mask": mask, "sampler_logp": slogp}
 
 
-def episodes_to_shared_batch(eps, groups: int, group_size: int, pad_id: int, max_len: int, bucket: int = 64):
+def episodes_to_shared_batch(eps, groups: int, group_size: int, pad_id: int, max_len: int):
     """Completion coordinates for the shared-prompt update: each group's prompt once and its G
     completions (everything after the prompt: sampled turns AND appended tool responses).
     prompts [groups, P], prompt_lens [groups], completions / mask / sampler_logp [groups*G, C]
     (index j = completion token j), episode [groups*G] (1 = a real episode; padding groups are
-    0). P and C are rounded up to `bucket` (few shapes, no recompiles). None when a group's
+    0). P is rounded up to a multiple of 128 and C to a power of two >= 64: a few shapes over a
+    run (each new one is a compile), little padding. None when a group's
     episodes do not share their prompt (then the full-row update is used)."""
     n = len(eps)
     if n % group_size:
@@ -60,9 +61,8 @@ def episodes_to_shared_batch(eps, groups: int, group_size: int, pad_id: int, max
         first = spans[q * group_size][0]
         if any(spans[q * group_size + i][0] != first for i in range(1, group_size)):
             return None
-    up = lambda x: max(-(-x // bucket) * bucket, bucket)
-    P = up(max(len(pr) for pr, _ in spans))
-    C = up(max(len(c) for _, c in spans))
+    P = max(-(-max(len(pr) for pr, _ in spans) // 128) * 128, 128)
+    C = max(1 << (max(len(c) for _, c in spans) - 1).bit_length(), 64)
     rows = groups * group_size
     prompts = np.full((groups, P), pad_id, np.int32)
     lens = np.ones(groups, np.int32)
