@@ -81,3 +81,26 @@ def test_empty_metrics_is_an_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("garbage\n")
     with pytest.raises(MtrError, match="no metric records"):
         make_report(tmp_path)
+
+
+def test_fresh_run_replaces_its_stage_and_keeps_the_other(tmp_path):
+    """A second SFT run (no resume) into the same directory replaces the first SFT run's lines; a
+    GRPO run that follows keeps the SFT lines; a resumed run appends."""
+    from mtr_jax.train.metrics import MetricsLogger
+
+    def run(stage, steps, resume=None, val=0.0):
+        log = MetricsLogger(str(tmp_path), resume_step=resume, tensorboard=False)
+        for s in steps:
+            log.log(s, stage, {"loss": val})
+        log.close()
+
+    def rows():
+        return [(r["stage"], r["step"], r["loss"]) for r in map(json.loads, open(tmp_path / "metrics.jsonl"))]
+
+    run("sft", [1, 2, 3], val=1.0)
+    run("sft", [1, 2], val=2.0)
+    assert rows() == [("sft", 1, 2.0), ("sft", 2, 2.0)]
+    run("grpo", [1], val=3.0)
+    assert rows() == [("sft", 1, 2.0), ("sft", 2, 2.0), ("grpo", 1, 3.0)]
+    run("grpo", [2], resume=1, val=4.0)
+    assert rows()[-2:] == [("grpo", 1, 3.0), ("grpo", 2, 4.0)]

@@ -1,7 +1,10 @@
 """Metrics: one JSON object per line in RUN_DIR/metrics.jsonl, mirrored to TensorBoard.
 
 Only process 0 writes (multi-host). A resumed run appends; lines of steps past the resume point
-(written after the last checkpoint of a killed run) are dropped so every step appears once.
+(written after the last checkpoint of a killed run) are dropped so every step appears once. A
+fresh run (no resume) drops the old lines of the stage it logs (an earlier run of that stage in
+the same directory) and keeps the others (an SFT run's lines when GRPO follows in its directory),
+so two runs' curves are never mixed.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ class MetricsLogger:
         run.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
+        self.fresh = resume_step is None
+        self.started: set[str] = set()
         self.f = self.path.open("a")
         if tensorboard:
             try:
@@ -46,9 +51,20 @@ class MetricsLogger:
         with self.path.open("w") as f:
             f.write("".join(k + "\n" for k in keep))
 
+    def _drop_stage(self, stage: str) -> None:
+        self.f.close()
+        with self.path.open() as f:
+            keep = [line for line in f if _stage_of(line) != stage]
+        with self.path.open("w") as f:
+            f.write("".join(keep))
+        self.f = self.path.open("a")
+
     def log(self, step: int, stage: str, metrics: dict) -> None:
         if not self.enabled:
             return
+        if self.fresh and stage not in self.started:
+            self._drop_stage(stage)
+        self.started.add(stage)
         rec = {"step": int(step), "stage": stage}
         for k, v in metrics.items():
             try:
@@ -66,3 +82,10 @@ class MetricsLogger:
             self.f.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def _stage_of(line: str):
+    try:
+        return json.loads(line).get("stage")
+    except (json.JSONDecodeError, AttributeError):
+        return None  # a line cut by a kill: kept, as readers skip it
