@@ -28,17 +28,20 @@ from mtr_jax.model import qwen2
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def token_logprobs(params, cfg, tokens, segment_ids=None, positions=None, temperature: float = 1.0):
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1, shape [B, T-1], plus the entropy."""
-    logits = qwen2.forward(params, cfg, tokens, positions, segment_ids)[:, :-1]
+def _logp_entropy(logits, targets, temperature: float):
+    """log p(targets) under softmax(logits / temperature), and that distribution's entropy."""
     if temperature != 1.0:
         logits = logits / temperature
     logz = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    logp = tgt - logz
+    logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - logz
     probs = jax.nn.softmax(logits, axis=-1)
-    entropy = logz - jnp.sum(probs * logits, axis=-1)
-    return logp, entropy
+    return logp, logz - jnp.sum(probs * logits, axis=-1)
+
+
+def token_logprobs(params, cfg, tokens, segment_ids=None, positions=None, temperature: float = 1.0):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1, shape [B, T-1], plus the entropy."""
+    logits = qwen2.forward(params, cfg, tokens, positions, segment_ids)[:, :-1]
+    return _logp_entropy(logits, tokens[:, 1:], temperature)
 
 
 def completion_logprobs(params, cfg, prompts, prompt_lens, completions, temperature: float = 1.0):
@@ -49,13 +52,7 @@ def completion_logprobs(params, cfg, prompts, prompt_lens, completions, temperat
     G = completions.shape[0] // prompts.shape[0]
     # token j is predicted from the state before it: the prompt's last token for j = 0
     h_pred = jnp.concatenate([jnp.repeat(h_last, G, axis=0)[:, None], h_c[:, :-1]], axis=1)
-    logits = qwen2._head(cfg, params, h_pred)
-    if temperature != 1.0:
-        logits = logits / temperature
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    logp = jnp.take_along_axis(logits, completions[..., None], axis=-1)[..., 0] - logz
-    probs = jax.nn.softmax(logits, axis=-1)
-    return logp, logz - jnp.sum(probs * logits, axis=-1)
+    return _logp_entropy(qwen2._head(cfg, params, h_pred), completions, temperature)
 
 
 def sft_loss_num(params, cfg, batch):
