@@ -73,7 +73,9 @@ SMALL = {  # a smoke configuration for tests: every stage runs, nothing is expec
 
 
 def load_demo_config(path: str | None, overrides: list[str], small: bool, out_dir: str) -> tuple[DemoConfig, Config]:
-    data = {"config": json.loads(json.dumps(DEMO_DEFAULTS))}
+    # the arch defaults go in first, so `arch.hidden_size=256` (or a YAML `arch:` section) changes
+    # one field instead of replacing the whole dict (which silently built a 24-layer default Qwen2)
+    data = {"arch": dict(DemoConfig().arch), "config": json.loads(json.dumps(DEMO_DEFAULTS))}
     if path:
         data = _deep_merge(data, read_yaml(path))
     items = [f"{k}={v}" for k, v in SMALL.items()] if small else []
@@ -83,9 +85,24 @@ def load_demo_config(path: str | None, overrides: list[str], small: bool, out_di
     items = [f"config.{i}" if i.split(".", 1)[0] in sections else i for i in items]
     data = apply_overrides(data, items)
     demo = from_dict(DemoConfig, data)
+    _check_arch(demo.arch)
     cfg = from_dict(Config, demo.config, "config")
     cfg.run.out_dir = out_dir
     return demo, cfg
+
+
+_ARCH_SET_BY_DEMO = ("vocab_size", "eos_token_id", "dtype", "param_dtype")
+
+
+def _check_arch(arch: dict) -> None:
+    """`arch` holds Qwen2Config fields: unknown keys, wrong types and heads that do not divide are a
+    one-line error before any work starts (not a TypeError after the world and tokenizer are built)."""
+    from mtr_jax.model.qwen2 import Qwen2Config
+
+    for k in _ARCH_SET_BY_DEMO:
+        if k in arch:
+            raise MtrError(f"arch.{k} is set by the demo itself (from its tokenizer and model.dtype); remove it")
+    from_dict(Qwen2Config, arch, "arch")
 
 
 def _round_up(n: int, m: int) -> int:

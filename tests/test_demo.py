@@ -30,3 +30,31 @@ def test_demo_small_end_to_end(tmp_path):
         assert f"{stage:<12}" in r.stdout  # the table
     rows = [json.loads(l) for l in open(out / "grpo" / "metrics.jsonl")]
     assert [x["step"] for x in rows] == [1, 2] and "reward" in rows[0]
+
+
+def test_demo_arch_override_changes_one_field():
+    """`arch.hidden_size=256` keeps every other arch default (it used to replace the whole dict, so
+    the demo silently built Qwen2Config's 24-layer default shape)."""
+    from mtr_jax.demo import DemoConfig, load_demo_config
+
+    demo, _ = load_demo_config(None, ["arch.hidden_size=256"], False, "/tmp/unused")
+    assert demo.arch == {**DemoConfig().arch, "hidden_size": 256}
+    small, _ = load_demo_config(None, [], True, "/tmp/unused")
+    assert small.arch["num_attention_heads"] == DemoConfig().arch["num_attention_heads"]
+    assert small.arch["hidden_size"] == 64
+
+
+def test_demo_bad_arch_is_a_one_line_error_exit_2(tmp_path):
+    import pytest
+
+    from mtr_jax.demo import load_demo_config
+    from mtr_jax.errors import MtrError
+
+    for bad, says in ((["arch.bogus=1"], "arch.bogus"), (["arch.hidden_size=abc"], "arch.hidden_size"),
+                      (["arch.num_attention_heads=3"], "num_key_value_heads"), (["arch.vocab_size=64"], "arch.vocab_size")):
+        with pytest.raises(MtrError, match=says):
+            load_demo_config(None, bad, False, str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "mtr_jax.cli", "demo", "--out", str(tmp_path / "d"), "arch.bogus=1"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 2 and "arch.bogus" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "d").exists()  # rejected before any work
