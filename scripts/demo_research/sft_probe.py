@@ -22,12 +22,45 @@ ap.add_argument("--n_train", type=int, default=400)
 ap.add_argument("--scale", type=float, default=1.0)      # world size multiplier
 ap.add_argument("--greedy", type=int, default=1); ap.add_argument("--plant", type=int, default=0); ap.add_argument("--delta", type=float, default=4.0); ap.add_argument("--emb_std", type=float, default=0.5); ap.add_argument("--fnorm", type=float, default=0.04); ap.add_argument("--match", type=float, default=30.0); ap.add_argument("--s", type=float, default=4.0)
 ap.add_argument("--split_space", type=int, default=0)
+ap.add_argument("--quote", type=int, default=0)  # 1: thinks quote the retrieved sentence; "born in the year 1960"
 ap.add_argument("overrides", nargs="*")
 a = ap.parse_args()
 t0 = time.perf_counter()
 if a.split_space:
     import mtr_jax.data.demo_tokenizer as dt
     dt.QWEN2_SPLIT_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+if a.quote:
+    import mtr_jax.data.synthetic as syn
+    import mtr_jax.tools.autoagent as aa
+    _orig_build = syn.World._build_pages
+    def _build(self):
+        out = _orig_build(self)
+        for p in out:
+            p.sentences = [re.sub(r" was born in (\d{4})\.", r" was born in the year \1.", x) for x in p.sentences]
+        return out
+    syn.World._build_pages = _build
+    def _sentence_naming(ep, name):
+        for o in ep.obs_dicts:
+            for r in o.get("results", []) if isinstance(o, dict) else []:
+                for x in re.split(r"(?<=[.!?])\s+", r.get("text", "")):
+                    if name in x and r.get("title") != name:
+                        return x
+        return ""
+    def _plan(self, ep):
+        r = ep.record
+        ep.call("I will search for the key facts in the question.", "search", {"query": aa._clip(r.question, 300)})
+        for title in list(dict.fromkeys(t for t, _ in r.supporting)):
+            if ep.n_calls >= self.max_calls:
+                break
+            sents = [p for p in r.context if p.title == title]
+            idx = [i for t, i in r.supporting if t == title]
+            if sents and all(i < len(sents[0].sentences) and ep.seen(sents[0].sentences[i]) for i in idx):
+                continue
+            q = _sentence_naming(ep, title)
+            ep.call(f"{q} I will look it up." if q else f"I also need facts about {title}. I will look it up.", "lookup", {"title": title})
+    aa.AutoAgent._plan_supporting = _plan
+    _orig_ev = aa._Episode.evidence_for
+    aa._Episode.evidence_for = lambda self, ans: _orig_ev(self, ans).split(": ", 1)[-1]
 demo, cfg = load_demo_config(None, [f"world.n_train={a.n_train}"] + a.overrides, False, a.out)
 w = demo.world
 world = make_world(seed=w.seed, n_people=int(w.n_people*a.scale), n_cities=int(w.n_cities*a.scale), n_films=int(w.n_films*a.scale), n_companies=int(w.n_companies*a.scale))
@@ -64,8 +97,8 @@ L = cfg.sft.seq_len
 def tf(p, toks):
     logits = qwen2.forward(p, model_cfg, toks)
     return jnp.argmax(logits, -1)
-def tf_eval(p):
-    accs, ans = [], []
+def tf_eval(p, dump=None):
+    accs, ans, turn_ok = [], [], {}
     for i in range(0, len(held_ex), 25):
         chunk = held_ex[i:i+25]
         toks = np.zeros((25, L), np.int32); msk = np.zeros((25, L), np.int32)
@@ -79,12 +112,23 @@ def tf_eval(p):
             # last assistant turn all right
             idx = np.where(mm)[0]; last = idx[idx > idx.max() - 25]
             ans.append(ok[j][last].all())
+            # per assistant turn: all of its tokens right (turns = runs of masked positions)
+            runs = np.split(idx, np.where(np.diff(idx) > 1)[0] + 1)
+            for t, r in enumerate(runs[:4]):
+                turn_ok.setdefault(t, []).append(ok[j][r].all())
+            if dump is not None and len(dump) < 40:
+                for q in idx[~ok[j][idx]][:3]:
+                    dump.append((tok.decode(ids[max(0, q - 12):q + 1]), tok.decode([int(pred[j, q])]), tok.decode([ids[q + 1]])))
+    print("  per-turn all right:", {t: round(float(np.mean(v)), 3) for t, v in turn_ok.items()}, flush=True)
+    if dump:
+        for ctx, got, want in dump[:40]:
+            print(f"    ...{ctx!r} -> got {got!r} want {want!r}")
     return float(np.mean(accs)), float(np.mean(ans))
 print("untrained tf", tf_eval(params), flush=True)
 t1 = time.perf_counter()
 params, m = train_sft(cfg, model_cfg, params, examples, os.path.join(a.out, "sft"), progress=False)
 t2 = time.perf_counter()
-print(f"sft {t2-t1:.0f}s loss {float(m['loss']):.3f} tf(acc, lastturn) {tf_eval(params)}", flush=True)
+print(f"sft {t2-t1:.0f}s loss {float(m['loss']):.3f} tf(acc, lastturn) {tf_eval(params, dump=[])}", flush=True)
 if a.greedy:
     from mtr_jax.eval import summarize
     rows = _eval(cfg, model_cfg, params, tok, held_q, tm, actor)
