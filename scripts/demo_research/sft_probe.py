@@ -57,10 +57,21 @@ if a.quote:
             if sents and all(i < len(sents[0].sentences) and ep.seen(sents[0].sentences[i]) for i in idx):
                 continue
             q = _sentence_naming(ep, title)
+            if a.quote == 2 and q:  # the name follows the same words as in the tool result: induction can copy it
+                q = re.sub(r"^.*? (is|was) ", r"It \1 ", q, count=1)
             ep.call(f"{q} I will look it up." if q else f"I also need facts about {title}. I will look it up.", "lookup", {"title": title})
     aa.AutoAgent._plan_supporting = _plan
     _orig_ev = aa._Episode.evidence_for
     aa._Episode.evidence_for = lambda self, ans: _orig_ev(self, ans).split(": ", 1)[-1]
+    if a.quote == 2:
+        aa._Episode.evidence_for = lambda self, ans: re.sub(r"^.*? (is|was) ", r"It \1 ", _orig_ev(self, ans).split(": ", 1)[-1], count=1)
+        _orig_finish = aa.AutoAgent._finish
+        def _finish(self, ep):
+            ep, answer, why = _orig_finish(self, ep)
+            if ep.messages and ep.messages[-1]["role"] == "assistant":
+                ep.messages[-1]["content"] = ep.messages[-1]["content"].replace(f" So the answer is {answer}.", "")
+            return ep, answer, why
+        aa.AutoAgent._finish = _finish
 demo, cfg = load_demo_config(None, [f"world.n_train={a.n_train}"] + a.overrides, False, a.out)
 w = demo.world
 world = make_world(seed=w.seed, n_people=int(w.n_people*a.scale), n_cities=int(w.n_cities*a.scale), n_films=int(w.n_films*a.scale), n_companies=int(w.n_companies*a.scale))
