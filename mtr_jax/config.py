@@ -18,7 +18,8 @@ import yaml
 
 from mtr_jax.errors import MtrError
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+# shipped inside the package (a non-editable install has them); the repo's top-level configs/ links here
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 
 @dataclass
@@ -251,10 +252,22 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def find_config_file(path: str | pathlib.Path) -> pathlib.Path:
+    """`path` as given, else a shipped config of that name (`configs/sft-qwen2.5-0.5b.yaml`,
+    `sft-qwen2.5-0.5b.yaml` or `sft-qwen2.5-0.5b` all find the packaged file from any directory)."""
+    p = pathlib.Path(path).expanduser()
+    if p.exists():
+        return p
+    name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+    rel = p.parent.parts[1:] if p.parent.parts[:1] == ("configs",) else p.parent.parts
+    shipped = CONFIG_DIR.joinpath(*rel, name)
+    if shipped.exists():
+        return shipped
+    raise MtrError(f"config file not found: {p}")
+
+
 def read_yaml(path: str | pathlib.Path) -> dict:
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise MtrError(f"config file not found: {p}")
+    p = find_config_file(path)
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

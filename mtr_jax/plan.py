@@ -113,8 +113,10 @@ def model_config(cfg):
 
     from mtr_jax.model.presets import resolve_model_config
 
+    from mtr_jax.model.sources import is_spec_available
+
     m = cfg.model
-    if m.init_from and not pathlib.Path(m.init_from).expanduser().exists():
+    if m.init_from and not is_spec_available(m.init_from):
         m = dataclasses.replace(m, init_from="")
     return resolve_model_config(m)
 

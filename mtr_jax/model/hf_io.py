@@ -1,5 +1,8 @@
 """Hugging Face <-> JAX weights for Qwen2 / Qwen2.5, one tensor at a time.
 
+Sources: an HF directory, a hub id, a GGUF file or `offline:NAME` (resolved by `sources`; GGUF
+tensors are dequantized by `gguf_io`), or one of our checkpoints.
+
 Loading reads safetensors through a memory map (our own 30-line reader: numpy has no bfloat16, so
 `safetensors.numpy` cannot hand out bf16 tensors) and builds each parameter with
 `jax.make_array_from_callback`: every device asks only for its own shard, so a sharded 7B model is
@@ -171,26 +174,6 @@ def _set_path(tree, path, value):
 # Loading.
 
 
-def resolve_hf_dir(path_or_hub_id: str) -> pathlib.Path:
-    """A local dir (or its config.json); a hub id only when no such local path exists."""
-    p = pathlib.Path(os.path.expanduser(str(path_or_hub_id)))
-    if p.exists():
-        return p.parent if p.is_file() else p
-    s = str(path_or_hub_id)
-    looks_like_hub = s.count("/") == 1 and not s.startswith((".", "/", "~")) and "\\" not in s
-    if not looks_like_hub:
-        raise MtrError(f"model path not found: {s}")
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(
-            s, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"],
-        )
-    except Exception as e:  # offline, unknown repo, auth: all bad input from the user's side
-        raise MtrError(f"model path not found locally and hub download of '{s}' failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    return pathlib.Path(local)
-
-
 def _open_weights(d: pathlib.Path) -> dict:
     """{hf tensor name: SafetensorsFile}, from the index when sharded."""
     index = d / "model.safetensors.index.json"
@@ -224,15 +207,42 @@ def _open_weights(d: pathlib.Path) -> dict:
     return out
 
 
-def load_hf_params(path_or_hub_id: str, dtype: str = "float32", mesh=None, shardings=None, config: Qwen2Config | None = None):
-    """-> (params dict, Qwen2Config). Each param built directly in its target sharding: the ones
-    from `parallel.rules.param_shardings(cfg, mesh)` when `mesh` is given, else device 0."""
+def open_weights(spec, config: Qwen2Config | None = None):
+    """-> (Qwen2Config, {hf tensor name: reader with shape()/get()/path}, where) for a GGUF file or
+    an HF directory (local, hub id, offline:NAME); `where` names the source in error messages."""
+    from mtr_jax.model import sources
+
+    src = spec if isinstance(spec, sources.Source) else sources.resolve(spec)
+    if src.kind == "gguf":
+        from mtr_jax.model.gguf_io import open_gguf
+
+        file_cfg, gw = open_gguf(src.path)
+        cfg = config or file_cfg
+        return cfg, {n: gw for names, _ in hf_names(cfg).values() for n in names if n in gw}, src.path
+    if src.kind != "hf_dir":
+        raise MtrError(f"{src.spec}: a checkpoint directory, not a Hugging Face model (no config.json)")
+    d = src.path
+    cfg = config or Qwen2Config.from_file(d)
+    index_file = d / "model.safetensors.index.json"
+    return cfg, _open_weights(d), index_file if index_file.exists() else d
+
+
+def load_hf_params(path_or_hub_id, dtype: str = "float32", mesh=None, shardings=None, config: Qwen2Config | None = None):
+    """-> (params dict, Qwen2Config) from any model spec `sources.resolve` accepts (HF dir, hub id,
+    GGUF file, offline:NAME, our checkpoint). Each param is built directly in its target sharding
+    (`parallel.rules.param_shardings(cfg, mesh)` when `mesh` is given, else device 0), one HF
+    tensor at a time."""
+    from mtr_jax.model import sources
+
     if dtype not in DTYPES:
         raise MtrError(f"dtype '{dtype}': expected one of {sorted(DTYPES)}")
-    d = resolve_hf_dir(path_or_hub_id)
-    cfg = config or Qwen2Config.from_file(d)
+    src = path_or_hub_id if isinstance(path_or_hub_id, sources.Source) else sources.resolve(path_or_hub_id)
+    if src.kind == "checkpoint":
+        from mtr_jax.train.checkpoint import load_params
+
+        return load_params(src.path, mesh=mesh, dtype=dtype)
+    cfg, weights, where = open_weights(src, config)
     cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
-    weights = _open_weights(d)
     specs = param_specs(cfg)
     if shardings is None:
         if mesh is not None:
@@ -243,7 +253,6 @@ def load_hf_params(path_or_hub_id: str, dtype: str = "float32", mesh=None, shard
             single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree_util.tree_map(lambda _: single, specs, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple))
     target = np.dtype(DTYPES[dtype])
-    index_file = d / "model.safetensors.index.json"
     plan = []
     for path, (names, transpose) in hf_names(cfg).items():  # validate everything before reading
         shape, _ = _get_path(specs, path)
@@ -252,10 +261,10 @@ def load_hf_params(path_or_hub_id: str, dtype: str = "float32", mesh=None, shard
         want_hf = tuple(reversed(want)) if transpose else tuple(want)
         for n in names:
             if n not in weights:
-                raise MtrError(f"{index_file if index_file.exists() else d}: missing tensor '{n}'")
+                raise MtrError(f"{where}: missing tensor '{n}'")
             got = weights[n].shape(n)
             if got != want_hf:
-                raise MtrError(f"{weights[n].path}: tensor '{n}' has shape {list(got)}, expected {list(want_hf)} for this config.json")
+                raise MtrError(f"{weights[n].path}: tensor '{n}' has shape {list(got)}, expected {list(want_hf)} for this config")
         plan.append((path, names, transpose, shape, stacked))
     params: dict = {}
     for path, names, transpose, shape, stacked in plan:
@@ -273,11 +282,14 @@ def load_hf_params(path_or_hub_id: str, dtype: str = "float32", mesh=None, shard
 
         arr = jax.make_array_from_callback(tuple(shape), _get_path(shardings, path), cb)
         _set_path(params, path, arr)
+        for r in {id(weights[n]): weights[n] for n in names}.values():
+            getattr(r, "clear", lambda: None)()  # a GGUF reader's dequantized copies are no longer needed
     return params, cfg
 
 
 def load_hf(path_or_hub_id: str, dtype: str = "float32", mesh=None):
-    """-> (Qwen2 NNX module, Qwen2Config)."""
+    """-> (Qwen2 NNX module, Qwen2Config) from an HF dir, hub id, GGUF file, offline:NAME or
+    checkpoint (see `mtr_jax.model.sources`)."""
     params, cfg = load_hf_params(path_or_hub_id, dtype=dtype, mesh=mesh)
     return Qwen2(cfg, params=params), cfg
 
@@ -399,16 +411,21 @@ def copy_tokenizer_files(src, dst) -> int:
 
 
 def cli_import(args) -> int:
-    """`mtr import-hf --model PATH_OR_ID --out DIR [--dtype]`: HF weights -> our checkpoint (step 0)."""
+    """`mtr import-hf --model SPEC --out DIR [--dtype]`: an HF dir, hub id, GGUF file or
+    offline:NAME -> our checkpoint (step 0), with its tokenizer next to it."""
+    from mtr_jax.model import sources
     from mtr_jax.train.checkpoint import Checkpointer
 
-    d = resolve_hf_dir(args.model)
-    params, cfg = load_hf_params(str(d), dtype=args.dtype or "float32")
     out = pathlib.Path(args.out)
     ck = Checkpointer(out, keep=1)
     if ck.latest_step() is not None:
         raise MtrError(f"--out {out} already holds a checkpoint; choose an empty directory")
-    ntok = copy_tokenizer_files(d, out / "tokenizer") if any((d / f).exists() for f in TOKENIZER_FILES) else 0
+    src = sources.resolve(args.model)
+    if src.kind == "checkpoint":
+        raise MtrError(f"--model {args.model}: already one of our checkpoints (nothing to import)")
+    params, cfg = load_hf_params(src, dtype=args.dtype or "float32")
+    tok_dir = sources.tokenizer_dir(src.path)
+    ntok = copy_tokenizer_files(tok_dir, out / "tokenizer") if tok_dir else 0
     meta = {"model_config": dataclasses.asdict(cfg), "source": str(args.model)}
     if ntok:
         meta["tokenizer"] = "tokenizer"  # relative to the checkpoint dir

@@ -1,8 +1,8 @@
 """`model:` config section -> `Qwen2Config` and parameters, placed directly on the mesh.
 
 Where the architecture comes from, first match wins:
-  1. `init_from` set: that checkpoint's own config (an HF dir's config.json, or our checkpoint's
-     metadata), since the weights fix the shapes;
+  1. `init_from` set: the source's own config (an HF dir's or hub snapshot's config.json, a GGUF's
+     metadata, `offline:NAME`, or our checkpoint's metadata), since the weights fix the shapes;
   2. `preset`: a path to an HF config.json / dir, or a name under configs/model/ (tiny,
      qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b, qwen2.5-7b).
 Then `arch` overrides single fields, and dtype/param_dtype/remat/scan_layers come from the section.
@@ -43,22 +43,28 @@ def load_preset(name: str) -> Qwen2Config:
     return Qwen2Config(**d)
 
 
-def _is_hf_dir(p: pathlib.Path) -> bool:
-    return (p / "config.json").exists()
+def init_source(mc: ModelConfig):
+    """`model.init_from` resolved (see `model.sources`); errors name the config key."""
+    from mtr_jax.model import sources
+
+    try:
+        return sources.resolve(mc.init_from)
+    except MtrError as e:
+        raise MtrError(f"model.init_from: {e}") from None
 
 
 def resolve_model_config(mc: ModelConfig) -> Qwen2Config:
     """`model:` section -> Qwen2Config (see the module docstring for precedence)."""
     if mc.init_from:
-        src = pathlib.Path(mc.init_from).expanduser()
-        if not src.exists():
-            raise MtrError(f"model.init_from: not found: {mc.init_from}")
-        if _is_hf_dir(src) or src.name == "config.json":
-            cfg = Qwen2Config.from_file(src)
-        else:
+        src = init_source(mc)
+        if src.kind == "checkpoint":
             from mtr_jax.train.checkpoint import checkpoint_model_config
 
-            cfg = checkpoint_model_config(src)
+            cfg = checkpoint_model_config(src.path)
+        else:
+            from mtr_jax.model.hf_io import open_weights
+
+            cfg, _, _ = open_weights(src)
     else:
         cfg = load_preset(mc.preset)
     arch = dict(mc.arch or {})
@@ -73,20 +79,21 @@ def resolve_model_config(mc: ModelConfig) -> Qwen2Config:
 
 def build_params(mc: ModelConfig, mesh=None, key=None):
     """-> (params, Qwen2Config): random init (`init_from` empty) or the weights of `init_from`
-    (HF dir or our checkpoint), each parameter created directly in its sharding on `mesh`."""
+    (HF dir, hub id, GGUF, offline:NAME or our checkpoint), each parameter created directly in
+    its sharding on `mesh`."""
     from mtr_jax.parallel.rules import param_shardings
 
     cfg = resolve_model_config(mc)
     if mc.init_from:
-        src = pathlib.Path(mc.init_from).expanduser()
-        if _is_hf_dir(src) or src.name == "config.json":
+        src = init_source(mc)
+        if src.kind != "checkpoint":
             from mtr_jax.model.hf_io import load_hf_params
 
-            params, loaded = load_hf_params(str(src), dtype=mc.param_dtype, mesh=mesh, config=cfg)
+            params, loaded = load_hf_params(src, dtype=mc.param_dtype, mesh=mesh, config=cfg)
         else:
             from mtr_jax.train.checkpoint import load_params
 
-            params, loaded = load_params(src, mesh=mesh, dtype=mc.param_dtype)
+            params, loaded = load_params(src.path, mesh=mesh, dtype=mc.param_dtype)
             _check_same_shapes(cfg, loaded, mc.init_from)
         return params, cfg
     key = jax.random.key(0) if key is None else key

@@ -15,29 +15,25 @@ from mtr_jax.errors import MtrError
 
 
 def load_tokenizer(cfg: Config):
-    """`model.tokenizer`, else the tokenizer saved next to `model.init_from` (HF dir or checkpoint)."""
+    """`model.tokenizer`, else the tokenizer that comes with `model.init_from`. Either may be an HF
+    directory, a hub id, a GGUF file, `offline:NAME` or one of our checkpoints (`model.sources`)."""
     from transformers import AutoTokenizer
 
-    path = cfg.model.tokenizer
-    if cfg.model.init_from and not os.path.exists(cfg.model.init_from):
-        raise MtrError(f"model.init_from: not found: {cfg.model.init_from}")
-    if not path and cfg.model.init_from:
-        src = pathlib.Path(cfg.model.init_from)
-        if (src / "tokenizer_config.json").exists():
-            path = str(src)
-        else:
-            from mtr_jax.train.checkpoint import find_tokenizer
+    from mtr_jax.model import sources
 
-            found = find_tokenizer(src) if src.exists() else None
-            path = str(found) if found else ""
-    if not path:
-        raise MtrError("no tokenizer: set model.tokenizer to a Hugging Face tokenizer directory")
-    if not os.path.exists(path):
-        raise MtrError(f"model.tokenizer: not found: {path}")
+    key, spec = ("model.tokenizer", cfg.model.tokenizer) if cfg.model.tokenizer else ("model.init_from", cfg.model.init_from)
+    if not spec:
+        raise MtrError("no tokenizer: set model.tokenizer (an HF tokenizer directory, hub id, GGUF or offline:NAME)")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        path = sources.tokenizer_dir(spec)
+    except MtrError as e:
+        raise MtrError(f"{key}: {e}") from None
+    if path is None:
+        raise MtrError(f"{key}: {spec} holds no tokenizer; set model.tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # transformers raises many kinds for a bad directory
-        raise MtrError(f"model.tokenizer: cannot load a tokenizer from {path} ({type(e).__name__})") from None
+        raise MtrError(f"{key}: cannot load a tokenizer from {path} ({type(e).__name__})") from None
 
 
 def setup_model(cfg: Config):
