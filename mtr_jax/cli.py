@@ -14,7 +14,7 @@ from mtr_jax.errors import MtrError
 
 # subcommand -> (module, function, help). The function takes the parsed argparse namespace.
 COMMANDS = {
-    "demo": ("mtr_jax.demo", "cli", "embedded default: synthetic world, tiny model, SFT then GRPO on CPU"),
+    "demo": ("mtr_jax.demo", "cli", "embedded default: synthetic world, zero-shot -> SFT -> GRPO on CPU"),
     "make-tools": ("mtr_jax.tools.toolmaker", "cli", "ToolMaker over a dataset -> tools JSONL"),
     "make-traces": ("mtr_jax.tools.autoagent", "cli", "AutoAgent + ToolActor -> SFT traces JSONL"),
     "sft": ("mtr_jax.train.sft", "cli", "supervised fine-tuning on traces"),
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="print one JSON object")
             sp.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
             sp.add_argument("--dtype", default=None)
+            sp.add_argument("--preset", default=None,
+                            help="model shape, e.g. qwen2.5-0.5b (real weights when the offline extra is installed)")
+            sp.add_argument("--batch", type=int, default=None, help="override the workload's batch size")
+            sp.add_argument("--prompt", type=int, default=None, help="sample: prompt tokens; forward: sequence length")
+            sp.add_argument("--new", type=int, default=None, help="sample: new tokens per row")
         if name == "plan":
             sp.add_argument("--stage", choices=["sft", "grpo", "both"], default="both", help="which stage(s) to plan")
             sp.add_argument("--json", action="store_true", help="print one JSON object")

@@ -119,3 +119,57 @@ def test_sft_loss_ignores_non_assistant_tokens():
     # non-label tokens are masked: changing the label mask to exclude a token changes the loss by its term only
     b2 = dict(b, loss_mask=np.zeros_like(mask))
     assert float(losses.sft_loss_num(params, cfg, b2)[0]) == 0.0
+
+
+@pytest.mark.parametrize("tied,temperature", [(True, 1.0), (False, 1.0), (False, 0.7)])
+def test_vocab_chunked_logprobs_equal_dense(tied, temperature):
+    """The vocabulary-chunked head (4 chunks here) gives the dense log-probs, entropies and
+    gradients to 1e-6 in float32."""
+    from mtr_jax.model import qwen2
+    from util import tiny_config
+
+    cfg = tiny_config(tie_word_embeddings=tied)
+    params = qwen2.init_params(cfg, jax.random.key(1), std=0.3)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (3, 21)), jnp.int32)
+    assert losses.vocab_chunk(cfg.vocab_size, 64) == 64 and losses.vocab_chunk(151936) == 18992
+
+    def f(p, chunked):
+        if chunked:
+            h = qwen2.hidden_states(p, cfg, tokens)[:, :-1]
+            return losses.head_logp_entropy(p, cfg, h, tokens[:, 1:], temperature, chunk=64)
+        return losses.dense_token_logprobs(p, cfg, tokens, temperature=temperature)
+
+    (lp_c, ent_c), (lp_d, ent_d) = f(params, True), f(params, False)
+    np.testing.assert_allclose(lp_c, lp_d, atol=1e-6)
+    np.testing.assert_allclose(ent_c, ent_d, atol=1e-5)  # a logged metric; the dense one cancels logit-sized terms
+    g = lambda chunked: jax.grad(lambda p: jnp.sum(f(p, chunked)[0]) + 0.1 * jnp.sum(f(p, chunked)[1]))(params)
+    for a, b in zip(jax.tree_util.tree_leaves(g(True)), jax.tree_util.tree_leaves(g(False))):
+        assert np.max(np.abs(a - b)) <= 1e-5 * max(1.0, float(np.max(np.abs(b))))  # float32 sums in another order
+
+
+def test_sft_loss_at_label_positions_equals_dense():
+    """SFT with the head only at label positions (label_index) = the dense loss, value and
+    gradient, on packed rows with two segments and padding."""
+    from mtr_jax.model import qwen2
+    from util import tiny_config
+
+    cfg = tiny_config(tie_word_embeddings=False)
+    params = qwen2.init_params(cfg, jax.random.key(2), std=0.3)
+    rng = np.random.RandomState(1)
+    B, T = 2, 24
+    tokens = rng.randint(0, cfg.vocab_size, (B, T)).astype(np.int32)
+    seg = np.array([[1] * 10 + [2] * 10 + [0] * 4, [1] * 24], np.int32)
+    pos = np.array([list(range(10)) + list(range(10)) + [0] * 4, list(range(24))], np.int32)
+    lm = (rng.rand(B, T) < 0.3) & (seg > 0)
+    dense = {"tokens": tokens, "loss_mask": lm, "segment_ids": seg, "positions": pos}
+    idx, w = losses.label_index(lm, seg, min_bucket=4)
+    assert idx.shape[1] >= int(losses.label_mask(lm, seg).sum(-1).max()) and w.sum() == losses.label_mask(lm, seg).sum()
+    sel = dict(dense, label_idx=idx, label_w=w)
+    f = lambda p, b: losses.sft_loss_num(p, cfg, {k: jnp.asarray(v) for k, v in b.items()})
+    (n_d, d_d), (n_s, d_s) = f(params, dense), f(params, sel)
+    assert float(d_d) == float(d_s) > 0
+    np.testing.assert_allclose(n_s, n_d, rtol=1e-6)
+    gd = jax.grad(lambda p: f(p, dense)[0])(params)
+    gs = jax.grad(lambda p: f(p, sel)[0])(params)
+    for a, b in zip(jax.tree_util.tree_leaves(gs), jax.tree_util.tree_leaves(gd)):
+        assert np.max(np.abs(a - b)) <= 1e-5 * max(1.0, float(np.max(np.abs(b))))

@@ -139,7 +139,39 @@ def test_sampled_logprobs_and_support(sampler, sp):
             assert keep[tok], (r, j)
             assert abs(flp[tok] - out.logprobs[r, j]) < 1e-4
             assert abs(logits_np[tok] - out.plain_logprobs[r, j]) < 1e-4
+            tempered = logits_np / sp.temperature
+            tempered = tempered - np.log(np.sum(np.exp(tempered - tempered.max()))) - tempered.max()
+            assert abs(tempered[tok] - out.policy_logprobs[r, j]) < 1e-4  # what GRPO's trainer scores
     assert len({tuple(t) for t in out.tokens}) == 2 * G  # samples of one group differ
+
+
+def test_sort_free_top_k_top_p_equals_sorted_reference():
+    """The bisection thresholds keep exactly the tokens a full sort keeps (NumPy reference), on
+    random rows of the real vocabulary size, with ties, for a grid of k and p."""
+    from mtr_jax.sampling.decode import filter_top_k_top_p
+
+    rng = np.random.default_rng(0)
+    V = 151936
+    rows = rng.normal(0, 3, (6, V)).astype(np.float32)
+    rows[1, :50] = rows[1].max() + 1.0  # a 50-way tie at the top
+    rows[2] = np.round(rows[2])  # many ties everywhere
+    ks = np.array([0, 1, 40, 0, 1000, 7], np.int32)
+    ps = np.array([0.9, 1.0, 0.5, 0.3, 0.95, 1e-4], np.float32)
+    got = np.asarray(jax.jit(filter_top_k_top_p)(jnp.asarray(rows), jnp.asarray(ks), jnp.asarray(ps)))
+    for r in range(6):
+        z = rows[r].astype(np.float64)
+        srt = np.sort(z)[::-1]
+        k = ks[r] if ks[r] > 0 else V
+        tk = srt[k - 1]
+        kept = np.where(z >= tk, z, -np.inf)
+        pr = np.exp(kept - kept.max())
+        pr /= pr.sum()
+        order = np.argsort(-kept, kind="stable")
+        cum = np.cumsum(pr[order])
+        n = max(int(np.sum(cum - pr[order] < ps[r])), 1)
+        thresh = kept[order[n - 1]]
+        ref = z >= max(thresh, tk)
+        assert np.array_equal(np.isfinite(got[r]), ref), (r, int(np.isfinite(got[r]).sum()), int(ref.sum()))
 
 
 def test_first_token_distribution_matches_softmax(sampler):
@@ -250,8 +282,10 @@ def test_no_recompilation_across_batches():
             counts.append((s.compiled_programs(), len(compiles)))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert counts[0][0] == 3, counts[0]  # prefill, generate, append: one program each
-    assert all(c == counts[0] for c in counts), counts
+    # prefill, append: one program each; generate: one per attention window bucket (64 for the
+    # first turn's rows, 128 = cache_len once appends make them longer), then nothing new
+    assert counts[-1][0] == 4, counts[-1]
+    assert all(c == counts[-1] for c in counts[2:]), counts
 
 
 def test_bad_inputs(sampler):
@@ -317,3 +351,31 @@ def test_sharded_8_devices_same_greedy_tokens():
         """
     )
     assert "OK 8 (6, 32)" in out, out
+
+
+def test_shared_prefix_prefill_equals_full_prefill():
+    """Prompts with a common 40-token prefix (then suffixes of different lengths, one empty): the
+    prefix is prefilled once; tokens equal a full prefill's, log-probs and the cache to 1e-5, and
+    the groups (G=2) and later appends behave the same."""
+    rng = np.random.default_rng(3)
+    prefix = list(map(int, rng.integers(1, 256, 40)))
+    prompts = [prefix + list(map(int, rng.integers(1, 256, n))) for n in (5, 1, 23, 12)]
+    shared = Sampler(CFG, cache_len=256, eos_ids=[])
+    full = Sampler(CFG, cache_len=256, eos_ids=[], share_prefix=False)
+    assert shared.common_prefix_len(prompts) == 40
+    outs = []
+    for s in (shared, full):
+        st = s.start(PARAMS, prompts, group_size=2)
+        st, o1 = s.generate(PARAMS, st, max_new_tokens=24, sampling=GREEDY, key=0)
+        st = s.append(PARAMS, st, [[9, 8, 7]] * st.n_rows)
+        st, o2 = s.generate(PARAMS, st, max_new_tokens=16, sampling=SamplingParams(temperature=1.0), key=1)
+        outs.append((o1, o2, np.asarray(st.cache["k"])))
+    (a1, a2, ka), (b1, b2, kb) = outs
+    assert np.array_equal(a1.tokens, b1.tokens) and np.array_equal(a2.tokens, b2.tokens)
+    np.testing.assert_allclose(a1.plain_logprobs, b1.plain_logprobs, atol=1e-5)
+    np.testing.assert_allclose(a2.logprobs, b2.logprobs, atol=1e-5)
+    np.testing.assert_allclose(ka, kb, atol=1e-5)
+    assert shared._prefill_shared._cache_size() == 1 and shared._prefill._cache_size() == 0
+    # no common prefix (or a short one): the plain path
+    shared.start(PARAMS, PROMPTS)
+    assert shared._prefill._cache_size() == 1

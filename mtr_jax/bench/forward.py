@@ -133,11 +133,22 @@ def run(args) -> dict:
     tdev = torch_device()
     dev = jax.devices()[0]
     device = f"{dev.platform}:{getattr(dev, 'device_kind', dev.platform)} x{jax.device_count()}, {threads} threads"
-    tokens = jnp.asarray(np.random.RandomState(0).randint(0, SHAPE["vocab_size"], (BATCH, SEQ)), jnp.int32)
-    res: dict = {"workload": "forward", "unit": "tokens/s", "device": device, "shape": dict(SHAPE, batch=BATCH, seq=SEQ)}
+    preset = getattr(args, "preset", None)
+    batch, seq = (4, 1024) if preset else (BATCH, SEQ)
+    batch, seq = getattr(args, "batch", None) or batch, getattr(args, "prompt", None) or seq
+    if preset and jax.default_backend() == "cpu":  # a real-shape step takes a minute here
+        warmup, iters = 1, 2
+    vocab = SHAPE["vocab_size"]
+    if preset:
+        from mtr_jax.model.presets import load_preset
+
+        vocab = load_preset(preset).vocab_size
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, vocab, (batch, seq)), jnp.int32)
+    res: dict = {"workload": "forward", "unit": "tokens/s", "device": device}
     for dtype in dtypes:
         with matmul_precision(dtype):
-            res[dtype] = _measure(dtype, tokens, tdev, warmup, iters)
+            res[dtype] = _measure(dtype, tokens, tdev, warmup, iters, preset)
+    res["shape"] = res[dtypes[0]].pop("shape")
     head = res[dtypes[0]]  # headline: float32 (or the one --dtype asked for); both are in the extras
     res.update(ours=head["ours"], peer=head["peer"], ratio=head["ratio"], headline_dtype=dtypes[0],
                peer_name=f"transformers {__import__('transformers').__version__} PyTorch {torch.__version__} eager "
@@ -145,10 +156,17 @@ def run(args) -> dict:
     return res
 
 
-def _measure(dtype: str, tokens, tdev, warmup: int, iters: int) -> dict:
-    cfg = qwen2.Qwen2Config(**SHAPE, dtype=dtype, param_dtype="float32")
-    # std 0.1 (not 0.02) so the loss is far from log(V) and the loss check below means something
-    params = jax.jit(lambda k: qwen2.init_params(cfg, k, std=0.1))(jax.random.key(0))
+def _measure(dtype: str, tokens, tdev, warmup: int, iters: int, preset: str | None = None) -> dict:
+    BATCH, SEQ = tokens.shape
+    if preset:
+        from mtr_jax.bench import bench_model
+
+        cfg, params, weights = bench_model(preset, "float32", dtype)
+    else:
+        cfg = qwen2.Qwen2Config(**SHAPE, dtype=dtype, param_dtype="float32")
+        # std 0.1 (not 0.02) so the loss is far from log(V) and the loss check below means something
+        params = jax.jit(lambda k: qwen2.init_params(cfg, k, std=0.1))(jax.random.key(0))
+        weights = "random"
     flops = step_flops(cfg, BATCH, SEQ)
     _log(f"{dtype}: matmul peak")
     peak = matmul_peak(dtype)
@@ -169,4 +187,6 @@ def _measure(dtype: str, tokens, tdev, warmup: int, iters: int) -> dict:
         "peer_mfu": flops / t_peer / peak,
         "loss_abs_diff": loss_diff,
         "peer_attention": peer.attn_implementation,
+        "weights": weights,
+        "shape": {**{k: getattr(cfg, k) for k in SHAPE}, "batch": int(BATCH), "seq": int(SEQ)},
     }

@@ -1,6 +1,7 @@
 """`mtr bench sample`: our jitted sampler against transformers' `generate` (PyTorch), same run.
 
-Workload (the issue's): Qwen2 hidden 512, 8 layers, 8/2 heads, intermediate 1408, vocab 32000
+Workload: `--preset qwen2.5-0.5b` is the real shape (real weights with the offline extra),
+batch 8, prompt 128, 64 new tokens; without a preset, a Qwen2 of hidden 512, 8 layers, 8/2 heads, intermediate 1408, vocab 32000
 (~40M params, tied embeddings), batch 16, prompt 64, 128 new tokens, greedy, float32, the same
 random weights loaded into both. Reported:
 - tokens/s (batch * new tokens / wall time of prefill + decode), ours vs transformers (PyTorch on
@@ -74,9 +75,14 @@ def matmul_floor_s(params, batch: int, repeats: int) -> float:
     up = jax.jit(unstack_layers)(params)
 
     def f(p, x):
-        outs = [jnp.einsum("be,ve->bv", x, p["embed"])]
+        f32 = jnp.float32  # bf16 operands, f32 accumulation: XLA:CPU's fast bf16 path (and the model's)
+        if "lm_head" in p:
+            outs = [jnp.dot(x, p["lm_head"], preferred_element_type=f32)]
+        else:
+            outs = [jnp.einsum("be,ve->bv", x, p["embed"], preferred_element_type=f32)]
         for lw in p["layers"]:
-            outs += [jnp.ones((batch, w.shape[0]), w.dtype) * x[:, :1] @ w for k, w in lw.items() if k.endswith("_w")]
+            outs += [jnp.dot(jnp.ones((batch, w.shape[0]), w.dtype) * x[:, :1], w, preferred_element_type=f32)
+                     for k, w in lw.items() if k.endswith("_w")]
         return outs
 
     f = jax.jit(f)
@@ -101,17 +107,29 @@ def run(args) -> dict:
 
 def _run(args, dtype: str) -> dict:
     quick = bool(getattr(args, "quick", False))
+    preset = getattr(args, "preset", None)
     sh = _shapes(quick)
-    cfg = qwen2.Qwen2Config(**sh["model"], max_position_embeddings=4096, rope_theta=10000.0,
-                            tie_word_embeddings=True, dtype=dtype, param_dtype=dtype)
+    if preset:  # the real shape: batch 8, prompt 128, 64 new tokens unless overridden
+        from mtr_jax.bench import bench_model
+
+        cfg, params, weights = bench_model(preset, dtype, dtype)
+        sh = dict(model={k: getattr(cfg, k) for k in sh["model"]}, batch=8, prompt=128, new=64, turns=2,
+                  turn_new=16, turn_append=48, repeats=2)
+    else:
+        cfg = qwen2.Qwen2Config(**sh["model"], max_position_embeddings=4096, rope_theta=10000.0,
+                                tie_word_embeddings=True, dtype=dtype, param_dtype=dtype)
+        params = jax.device_put(qwen2.init_params(cfg, jax.random.key(0)))
+        weights = "random"
+    for k, a in (("batch", "batch"), ("prompt", "prompt"), ("new", "new")):
+        if getattr(args, a, None):
+            sh[k] = int(getattr(args, a))
     B, T, N, R = sh["batch"], sh["prompt"], sh["new"], sh["repeats"]
-    params = jax.device_put(qwen2.init_params(cfg, jax.random.key(0)))
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
     weight_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(1, cfg.vocab_size, T))) for _ in range(B)]
     threads = os.cpu_count() or 1
-    _log(f"{n_params / 1e6:.1f}M params, batch {B}, prompt {T}, new {N}, {dtype}, device {jax.devices()[0]}")
+    _log(f"{n_params / 1e6:.1f}M params ({weights} weights), batch {B}, prompt {T}, new {N}, {dtype}, device {jax.devices()[0]}")
 
     # ---- ours: one generation = start (prefill) + generate (decode loop); both block on results
     sampler = Sampler(cfg, cache_len=T + N, eos_ids=[])
@@ -214,6 +232,8 @@ def _run(args, dtype: str) -> dict:
         "ratio": round(ours_tps / peer_tps, 3),
         "device": f"{dev.platform}:{getattr(dev, 'device_kind', dev.platform)} ({threads} cores)",
         "shape": dict(sh["model"], batch=B, prompt=T, new_tokens=N, dtype=dtype, params_M=round(n_params / 1e6, 2)),
+        "weights": weights,
+        "ours_prefill_s": round(best_total - best_decode, 4),
         "ours_s": round(best_total, 4),
         "peer_thread_probe_s": {str(k): round(v, 4) for k, v in probe.items()},
         "peer_s": round(hf_time, 4),

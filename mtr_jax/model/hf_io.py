@@ -21,6 +21,7 @@ import os
 import pathlib
 import shutil
 import struct
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -424,7 +425,11 @@ def cli_import(args) -> int:
     if src.kind == "checkpoint":
         raise MtrError(f"--model {args.model}: already one of our checkpoints (nothing to import)")
     params, cfg = load_hf_params(src, dtype=args.dtype or "float32")
-    tok_dir = sources.tokenizer_dir(src.path)
+    try:
+        tok_dir = sources.tokenizer_dir(src.path)
+    except MtrError as e:  # the weights are still worth importing; say so and go on
+        print(f"mtr import-hf: warning: no tokenizer imported: {e}", file=sys.stderr)
+        tok_dir = None
     ntok = copy_tokenizer_files(tok_dir, out / "tokenizer") if tok_dir else 0
     meta = {"model_config": dataclasses.asdict(cfg), "source": str(args.model)}
     if ntok:

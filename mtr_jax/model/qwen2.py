@@ -410,6 +410,19 @@ def init_cache(cfg: Qwen2Config, batch: int, max_len: int, dtype=None) -> dict:
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "end": jnp.zeros((batch,), jnp.int32)}
 
 
+def scatter_bits(cache, index, x):
+    """cache.at[index].set(x) (out-of-range slots dropped) on the cache's raw bits. XLA:CPU has no
+    bfloat16 scatter: on a bf16 cache it converts the WHOLE [L, B, Hkv, S, D] cache to float32 and
+    back at every layer of every step (at Qwen2.5-0.5B, batch 8: 197 -> 104 ms per decode step).
+    A 16-bit float is scattered as uint16 instead: same bits, no conversion."""
+    x = x.astype(cache.dtype)
+    if jnp.dtype(cache.dtype).itemsize != 2:
+        return cache.at[index].set(x, mode="drop")
+    u = jax.lax.bitcast_convert_type(cache, jnp.uint16)
+    u = u.at[index].set(jax.lax.bitcast_convert_type(x, jnp.uint16), mode="drop")
+    return jax.lax.bitcast_convert_type(u, cache.dtype)
+
+
 def extend(params, cfg: Qwen2Config, cache: dict, tokens, lengths):
     """Append `tokens` [B, C] (row b uses its first lengths[b]) to the cache; return logits [B, C, V]
     for every chunk position and the new cache. Positions continue from each row's `end`."""
@@ -427,11 +440,14 @@ def extend_hidden(params, cfg: Qwen2Config, cache: dict, tokens, lengths):
     # query at position p sees key slots <= p (slots < end are history, the rest of the chunk is causal)
     mask = slots[None, None, :] <= positions[:, :, None]
 
+    j = jnp.arange(C, dtype=jnp.int32)
+    slots = jnp.where(j[None, :] < lengths[:, None], positions, S)  # padding of the chunk: dropped
+    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, C))
+
     def write(ck, cv, k, v):
-        # per row: c [Hkv, S, D], x [C, Hkv, D] written at slot s
-        upd = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice(c, x.transpose(1, 0, 2).astype(c.dtype), (0, s, 0)))
-        ck = upd(ck, k, end)
-        cv = upd(cv, v, end)
+        # ck [B, Hkv, S, D]; k [B, C, Hkv, D] lands at [b, :, slot, :]
+        ck = scatter_bits(ck, (rows, slice(None), slots), k)
+        cv = scatter_bits(cv, (rows, slice(None), slots), v)
         return ck, cv, (ck, cv)
 
     h = jnp.take(params["embed"], tokens, axis=0).astype(jnp.float32)

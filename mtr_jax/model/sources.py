@@ -252,7 +252,7 @@ def tokenizer_dir(spec) -> pathlib.Path | None:
     return find_tokenizer(src.path)
 
 
-def gguf_tokenizer_dir(gguf_path: pathlib.Path) -> pathlib.Path:
+def gguf_tokenizer_dir(gguf_path: pathlib.Path) -> pathlib.Path | None:
     gguf_path = pathlib.Path(gguf_path).absolute()
     st = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -261,6 +261,10 @@ def gguf_tokenizer_dir(gguf_path: pathlib.Path) -> pathlib.Path:
         return out
     from transformers import AutoTokenizer
 
+    from mtr_jax.model.gguf_io import _reader
+
+    if "tokenizer.ggml.tokens" not in _reader(gguf_path).fields:
+        return None  # a weights-only GGUF
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as e:

@@ -7,7 +7,7 @@ prefilled again, and the exact token ids the sampler produced are kept). An epis
 answer, a malformed turn, an EOS-less turn that ran out of tokens, `max_turns`, or `max_len`.
 
 Per episode we keep the token ids, a loss mask that is 1 exactly on sampled tokens, the sampler's
-plain (temperature-1) log-probs on those tokens, the structured trace (the trace JSON of
+policy log-probs (at the sampling temperature, before top-k/top-p) on those tokens, the structured trace (the trace JSON of
 `mtr_jax.traces`), and counters.
 """
 
@@ -111,7 +111,7 @@ def run_episodes(
             toks = [int(t) for t in out.tokens[i, :L]]
             e.token_ids += toks
             e.loss_mask += [1] * L
-            e.logprobs += [float(x) for x in out.plain_logprobs[i, :L]]
+            e.logprobs += [float(x) for x in out.policy_logprobs[i, :L]]
             text = tokenizer.decode(toks, skip_special_tokens=False)
             e.turn_texts.append(text)
             e.counters["turns"] += 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtr_jax.model.qwen2 import Qwen2Config, _head, _layer
+from mtr_jax.model.qwen2 import Qwen2Config, _head, _layer, scatter_bits
 
 # stop-reason codes (the host side maps them to strings)
 RUNNING, EOS, STOP, LENGTH, CACHE_FULL, INACTIVE = 0, 1, 2, 3, 4, 5
@@ -40,8 +40,8 @@ def forward_chunk(params, cfg: Qwen2Config, k_cache, v_cache, end, tokens, lengt
     def layer(h, lw, i, kc, vc):
         def kv_write(k, v):
             # heads-first cache: k [B, C, Hkv, D] lands at [i, b, :, slot, :]
-            kc2 = kc.at[i, rows, :, slots].set(k.astype(kc.dtype), mode="drop")
-            vc2 = vc.at[i, rows, :, slots].set(v.astype(vc.dtype), mode="drop")
+            kc2 = scatter_bits(kc, (i, rows, slice(None), slots), k)
+            vc2 = scatter_bits(vc, (i, rows, slice(None), slots), v)
             return kc2[i], vc2[i], (kc2, vc2)
 
         h, (kc, vc) = _layer(cfg, h, lw, positions, mask, kv_write, heads_first=True)
@@ -80,41 +80,63 @@ def unstack_layers(params):
 # Sampling from one step's logits.
 
 
+def _largest_threshold(lo, hi, ok, iters: int = 40):
+    """Per row, the largest tau in [lo, hi] with ok(tau) true (ok must be monotone: true up to some
+    point, false after). Bisection in value space: `iters` passes over the vocabulary, no sort."""
+
+    def body(_, c):
+        lo, hi = c
+        mid = 0.5 * (lo + hi)
+        good = ok(mid)
+        return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
+    return jnp.where(ok(hi), hi, lo)
+
+
 def filter_top_k_top_p(scaled, top_k, top_p):
     """Mask (to -inf) what top-k then top-p remove, per row (k, p traced: no recompile per value).
-    top_k <= 0 keeps all; top-p keeps the smallest prefix of the top-k-renormalised distribution
-    whose mass reaches top_p (the most likely token always stays), as in HF's warpers."""
+    top_k <= 0 keeps all; top-p keeps the smallest set of most likely tokens of the
+    top-k-renormalised distribution whose mass reaches top_p (the most likely token always stays),
+    as in HF's warpers. No sort of the 151936-entry vocabulary: each cut is a threshold found by
+    bisection on the logit value (40 halvings of the row's range: below float32 resolution), so a
+    step costs O(V) passes instead of an O(V log V) sort (ties at the cut are all kept, as with a sort)."""
     V = scaled.shape[-1]
-    srt = -jnp.sort(-scaled, axis=-1)  # descending
-    idx = jnp.arange(V, dtype=jnp.int32)[None, :]
+    finite = jnp.where(jnp.isfinite(scaled), scaled, jnp.inf)
+    lo0 = jnp.min(finite, axis=-1, keepdims=True)
+    hi0 = jnp.max(scaled, axis=-1, keepdims=True)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)[:, None]
-    srt_k = jnp.where(idx < k, srt, -jnp.inf)
-    p = jax.nn.softmax(srt_k, axis=-1)
-    before = jnp.cumsum(p, axis=-1) - p
-    n_keep = jnp.sum((before < top_p[:, None]) & (idx < k), axis=-1)
-    n_keep = jnp.maximum(n_keep, 1)
-    thresh = jnp.take_along_axis(srt, (n_keep - 1)[:, None], axis=-1)
-    return jnp.where(scaled >= thresh, scaled, -jnp.inf)
+    # top-k: the largest tau with at least k logits >= tau is the k-th largest logit
+    t_k = _largest_threshold(lo0, hi0, lambda t: jnp.sum(scaled >= t, axis=-1, keepdims=True) >= k)
+    kept = jnp.where(scaled >= t_k, scaled, -jnp.inf)
+    p = jax.nn.softmax(kept, axis=-1)
+    # top-p: the largest tau whose kept mass {p: logit >= tau} still reaches top_p
+    mass = lambda t: jnp.sum(jnp.where(kept >= t, p, 0.0), axis=-1, keepdims=True) >= top_p[:, None]
+    t_p = _largest_threshold(t_k, hi0, mass)
+    return jnp.where(scaled >= jnp.maximum(t_k, t_p), scaled, -jnp.inf)
 
 
 def sample_token(logits, key, temperature, top_k, top_p, greedy, *, all_greedy: bool, use_filter: bool):
-    """logits [B, V] float32 -> (token, logprob under the sampled distribution, plain logprob).
+    """logits [B, V] float32 -> (token, logprob under the sampled distribution, plain logprob at
+    temperature 1, tempered logprob: log_softmax(logits / temperature), unfiltered, which is what
+    the trainer computes for the policy at that temperature; greedy rows use temperature 1).
     Greedy rows take the argmax; their sampled distribution is a point mass (logprob 0)."""
     plain = jax.nn.log_softmax(logits, axis=-1)
     g_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if all_greedy:
         tok, lp = g_tok, jnp.zeros(logits.shape[0], jnp.float32)
-    else:
-        t = jnp.where(greedy, 1.0, temperature)
-        scaled = logits / t[:, None]
-        if use_filter:
-            scaled = filter_top_k_top_p(scaled, top_k, top_p)
-        s_tok = jnp.argmax(scaled + jax.random.gumbel(key, scaled.shape, jnp.float32), axis=-1).astype(jnp.int32)
-        s_lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), s_tok[:, None], axis=-1)[:, 0]
-        tok = jnp.where(greedy, g_tok, s_tok)
-        lp = jnp.where(greedy, 0.0, s_lp)
+        plp = jnp.take_along_axis(plain, tok[:, None], axis=-1)[:, 0]
+        return tok, lp, plp, plp
+    t = jnp.where(greedy, 1.0, temperature)
+    tempered = logits / t[:, None]
+    scaled = filter_top_k_top_p(tempered, top_k, top_p) if use_filter else tempered
+    s_tok = jnp.argmax(scaled + jax.random.gumbel(key, scaled.shape, jnp.float32), axis=-1).astype(jnp.int32)
+    s_lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), s_tok[:, None], axis=-1)[:, 0]
+    tok = jnp.where(greedy, g_tok, s_tok)
+    lp = jnp.where(greedy, 0.0, s_lp)
     plp = jnp.take_along_axis(plain, tok[:, None], axis=-1)[:, 0]
-    return tok, lp, plp
+    tlp = jnp.take_along_axis(jax.nn.log_softmax(tempered, axis=-1), tok[:, None], axis=-1)[:, 0]
+    return tok, lp, plp, tlp
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +150,8 @@ def decode_loop(params, cfg: Qwen2Config, cache, pending, active, max_new, key, 
 
     Invariant kept by the caller: a row's sequence (cache + 1 pending token) fits in S slots, so a
     row may take a step only while end + 1 < S (its new pending token will still fit).
-    Returns (cache, pending, tokens [B, out_len], lengths, reasons, logprobs, plain_logprobs).
+    Returns (cache, pending, tokens [B, out_len], lengths, reasons, logprobs, plain_logprobs,
+    tempered_logprobs).
     """
     B = pending.shape[0]
     S = cache["k"].shape[3]
@@ -143,7 +166,7 @@ def decode_loop(params, cfg: Qwen2Config, cache, pending, active, max_new, key, 
         step=jnp.int32(0), k=cache["k"], v=cache["v"], end=cache["end"], pending=pending, reason=reason0,
         n=jnp.zeros((B,), jnp.int32),
         toks=jnp.zeros((B, out_len), jnp.int32), lp=jnp.zeros((B, out_len), jnp.float32),
-        plp=jnp.zeros((B, out_len), jnp.float32), window=jnp.full((B, max(Lw, 1)), -1, jnp.int32),
+        plp=jnp.zeros((B, out_len), jnp.float32), tlp=jnp.zeros((B, out_len), jnp.float32), window=jnp.full((B, max(Lw, 1)), -1, jnp.int32),
     )
 
     def cond(c):
@@ -154,7 +177,7 @@ def decode_loop(params, cfg: Qwen2Config, cache, pending, active, max_new, key, 
         logits, k, v, end = forward_chunk(params, cfg, c["k"], c["v"], c["end"], c["pending"][:, None],
                                           run.astype(jnp.int32), want_logits=True)
         k, v = constrain(k), constrain(v)
-        tok, lp, plp = sample_token(logits[:, 0], jax.random.fold_in(key, c["step"]), temperature, top_k, top_p,
+        tok, lp, plp, tlp = sample_token(logits[:, 0], jax.random.fold_in(key, c["step"]), temperature, top_k, top_p,
                                     greedy, all_greedy=all_greedy, use_filter=use_filter)
         step = c["step"]
         col = lambda buf, x: jax.lax.dynamic_update_slice(buf, jnp.where(run, x, buf[:, step])[:, None], (0, step))
@@ -172,7 +195,7 @@ def decode_loop(params, cfg: Qwen2Config, cache, pending, active, max_new, key, 
         return dict(
             step=step + 1, k=k, v=v, end=end, pending=jnp.where(run, tok, c["pending"]),
             reason=jnp.where(run, new_reason, c["reason"]), n=n,
-            toks=col(c["toks"], tok), lp=col(c["lp"], lp), plp=col(c["plp"], plp),
+            toks=col(c["toks"], tok), lp=col(c["lp"], lp), plp=col(c["plp"], plp), tlp=col(c["tlp"], tlp),
             window=jnp.where(run[:, None], window, c["window"]),
         )
 
@@ -180,4 +203,4 @@ def decode_loop(params, cfg: Qwen2Config, cache, pending, active, max_new, key, 
     # rows still running when the loop ended hit max_new (can only happen with max_new == 0)
     reason = jnp.where(c["reason"] == RUNNING, LENGTH, c["reason"])
     new_cache = {"k": c["k"], "v": c["v"], "end": c["end"]}
-    return new_cache, c["pending"], c["toks"], c["n"], reason, c["lp"], c["plp"]
+    return new_cache, c["pending"], c["toks"], c["n"], reason, c["lp"], c["plp"], c["tlp"]

@@ -10,10 +10,16 @@ A row may grow to at most `cache_len` tokens.
 
 Static shapes. Prompt/append chunk lengths, batch sizes and the output buffer (max_new_tokens) are
 padded to buckets (powers of two by default), so a long run compiles a handful of programs:
-`start` per (prompt batch, chunk, row batch) bucket, `generate` per (batch, max_new bucket,
+`start` per (prompt batch, chunk, row batch) bucket, `generate` per (batch, max_new bucket, attention window bucket,
 greedy-only?, top-k/top-p used?), `append` per (batch, chunk) bucket. Values that change per call
 (temperatures, top-k, top-p, max_new_tokens, the key, which rows are active) are traced. The
 cache is donated: a state passed to `generate`/`append` is consumed; use the returned one.
+
+Prefix caching. Prompts of one `start` call that begin with the same tokens (MTR's system prompt
+and tool schemas: ~370 of a prompt's ~400 tokens) have that common prefix prefilled ONCE (batch
+1) and its keys/values copied to every row; each row then prefills only its own suffix on top
+(vLLM's automatic prefix caching / SGLang's radix cache, for the prefix a batch shares). Grouped
+rows (G per prompt) share their whole prompt as before. Same tokens as a full prefill (tested).
 
 Sharding. With `mesh=`, rows are sharded over the mesh's batch axes (`data`, `fsdp` where present;
 batch buckets are multiples of their size) and the cache is constrained to that layout; params keep
@@ -67,14 +73,17 @@ class SampleOutput:
     eos / stop token that ended a row is included), lengths [N], stop_reason [N] str in {"eos",
     "stop", "length", "cache_full", "inactive"}, logprobs [N, max_new] float32 under the
     distribution actually sampled from (temperature/top-k/top-p applied; 0 for greedy rows: a point
-    mass), plain_logprobs [N, max_new]: log_softmax of the raw logits at temperature 1 (GRPO's
-    old-policy log-probs). Entries after a row's length are 0."""
+    mass), plain_logprobs [N, max_new]: log_softmax of the raw logits at temperature 1,
+    policy_logprobs [N, max_new]: log_softmax(logits / temperature) without top-k/top-p (greedy rows:
+    temperature 1): the policy the trainer scores at `grpo.temperature`, so GRPO's sampler-vs-trainer
+    gap compares like with like at any temperature. Entries after a row's length are 0."""
 
     tokens: np.ndarray
     lengths: np.ndarray
     stop_reason: np.ndarray
     logprobs: np.ndarray
     plain_logprobs: np.ndarray
+    policy_logprobs: np.ndarray
 
 
 @dataclass
@@ -116,7 +125,8 @@ class Sampler:
     def __init__(self, config: Qwen2Config, *, cache_len: int, eos_ids: Sequence[int],
                  stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0, cache_dtype=None, mesh=None,
                  prompt_buckets: Sequence[int] | None = None, batch_buckets: Sequence[int] | None = None,
-                 new_token_buckets: Sequence[int] | None = None, unstack_layers: bool | None = None):
+                 new_token_buckets: Sequence[int] | None = None, unstack_layers: bool | None = None,
+                 share_prefix: bool = True, min_shared_prefix: int = 32):
         self.cfg = config
         V = config.vocab_size
         if cache_len <= 1:
@@ -147,10 +157,15 @@ class Sampler:
         self.prompt_buckets = tuple(sorted(prompt_buckets or _pow2_buckets(16, self.cache_len)))
         self.batch_buckets = tuple(sorted(batch_buckets or _pow2_buckets(1, 1 << 16)))
         self.new_token_buckets = tuple(sorted(new_token_buckets or _pow2_buckets(16, 1 << 20)))
+        self.share_prefix, self.min_shared_prefix = bool(share_prefix), int(min_shared_prefix)
         self._prefill = jax.jit(self._prefill_impl)
+        self._prefill_shared = jax.jit(self._prefill_shared_impl)
         self._append = jax.jit(self._append_impl, donate_argnums=(1,))
         self._generate = jax.jit(self._generate_impl, donate_argnums=(1,),
-                                 static_argnames=("out_len", "all_greedy", "use_filter"))
+                                 static_argnames=("out_len", "all_greedy", "use_filter", "window"))
+        # decode attends over the first `window` cache slots only: a power of two >= what the rows
+        # can fill during the call (history + max_new), so short rows in a long cache stay cheap
+        self.window_buckets = _pow2_buckets(64, self.cache_len)
 
     # ---------------------------------------------------------------- shapes and placement
 
@@ -198,6 +213,35 @@ class Sampler:
         k, v = self._constrain_cache(jnp.take(k, src, axis=1)), self._constrain_cache(jnp.take(v, src, axis=1))
         return {"k": k, "v": v, "end": jnp.take(end, src)}, jnp.take(last, src)
 
+    def _prefill_shared_impl(self, params, prefix, prefix_len, tokens, lengths, last, src):
+        """Prefill the common prefix [1, Cp] once, copy its cache to all Pb rows, prefill each row's
+        suffix [Pb, C] after it, then give row r the cache of prompt src[r]."""
+        cfg = self.cfg
+        Pb = tokens.shape[0]
+        one = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, self.cache_len, cfg.head_dim)
+        k1, v1 = jnp.zeros(one, self.cache_dtype), jnp.zeros(one, self.cache_dtype)
+        _, k1, v1, end1 = forward_chunk(params, cfg, k1, v1, jnp.zeros((1,), jnp.int32), prefix, prefix_len,
+                                        want_logits=False)
+        k = self._constrain_cache(jnp.broadcast_to(k1, (one[0], Pb) + one[2:]))
+        v = self._constrain_cache(jnp.broadcast_to(v1, (one[0], Pb) + one[2:]))
+        end = jnp.broadcast_to(end1, (Pb,))
+        _, k, v, end = forward_chunk(params, cfg, k, v, end, tokens, lengths, want_logits=False)
+        k, v = self._constrain_cache(jnp.take(k, src, axis=1)), self._constrain_cache(jnp.take(v, src, axis=1))
+        return {"k": k, "v": v, "end": jnp.take(end, src)}, jnp.take(last, src)
+
+    @staticmethod
+    def common_prefix_len(prompts) -> int:
+        """Length of the token prefix every prompt shares."""
+        first = np.asarray(prompts[0])
+        n = min(len(p) for p in prompts)
+        for p in prompts[1:]:
+            p = np.asarray(p[:n])
+            diff = np.nonzero(p != first[:n])[0]
+            n = int(diff[0]) if diff.size else n
+            if n == 0:
+                break
+        return n
+
     def _append_impl(self, params, cache, pending, chunk, lengths):
         """Feed [pending, chunk[:len-1]] per row; the last appended token becomes pending."""
         full = jnp.concatenate([pending[:, None], chunk], axis=1)
@@ -207,14 +251,21 @@ class Sampler:
         return {"k": self._constrain_cache(k), "v": self._constrain_cache(v), "end": end}, new_pending
 
     def _generate_impl(self, params, cache, pending, active, max_new, key, temperature, top_k, top_p, greedy, *,
-                       out_len, all_greedy, use_filter):
+                       out_len, all_greedy, use_filter, window):
         if self.unstack_layers:
             params = decode.unstack_layers(params)
-        return decode.decode_loop(
+        full = cache
+        if window < cache["k"].shape[3]:  # rows cannot reach slot `window` in this call (see generate)
+            cache = {"k": full["k"][:, :, :, :window], "v": full["v"][:, :, :, :window], "end": full["end"]}
+        new_cache, *rest = decode.decode_loop(
             params, self.cfg, cache, pending, active, max_new, key, temperature, top_k, top_p, greedy,
             out_len=out_len, eos_ids=self.eos_ids, stop_seqs=self.stop_sequences, all_greedy=all_greedy,
             use_filter=use_filter, constrain=self._constrain_cache,
         )
+        if window < full["k"].shape[3]:
+            put = lambda big, small: self._constrain_cache(jax.lax.dynamic_update_slice(big, small, (0,) * big.ndim))
+            new_cache = {"k": put(full["k"], new_cache["k"]), "v": put(full["v"], new_cache["v"]), "end": new_cache["end"]}
+        return (new_cache, *rest)
 
     # ---------------------------------------------------------------- public API
 
@@ -237,18 +288,28 @@ class Sampler:
         P_, G = len(prompts), int(group_size)
         Pb = self._batch_bucket(P_)
         Nb = self._batch_bucket(P_ * G)
-        C = self._bucket(max(max(lens) - 1, 1), self.prompt_buckets, cap=self.cache_len)
+        # the shared prefix never takes a row's last token (it stays pending)
+        n_pre = min(self.common_prefix_len(prompts), min(lens) - 1) if self.share_prefix and P_ > 1 else 0
+        if n_pre < self.min_shared_prefix:
+            n_pre = 0
+        C = self._bucket(max(max(lens) - 1 - n_pre, 1), self.prompt_buckets, cap=self.cache_len)
         tokens = np.full((Pb, C), self.pad_id, np.int32)
         lengths = np.zeros((Pb,), np.int32)
         last = np.full((Pb,), self.pad_id, np.int32)
         for i, p in enumerate(prompts):
-            tokens[i, : lens[i] - 1] = p[:-1]
-            lengths[i] = lens[i] - 1
+            tokens[i, : lens[i] - 1 - n_pre] = p[n_pre:-1]
+            lengths[i] = lens[i] - 1 - n_pre
             last[i] = p[-1]
         src = np.zeros((Nb,), np.int32)
         src[: P_ * G] = np.repeat(np.arange(P_, dtype=np.int32), G)
-        cache, pending = self._prefill(params, self._rows(tokens), self._rows(lengths), self._rows(last),
-                                       self._rows(src))
+        rows = (self._rows(tokens), self._rows(lengths), self._rows(last), self._rows(src))
+        if n_pre:
+            Cp = self._bucket(n_pre, self.prompt_buckets, cap=self.cache_len)
+            prefix = np.full((1, Cp), self.pad_id, np.int32)
+            prefix[0, :n_pre] = prompts[0][:n_pre]
+            cache, pending = self._prefill_shared(params, jnp.asarray(prefix), jnp.asarray([n_pre], jnp.int32), *rows)
+        else:
+            cache, pending = self._prefill(params, *rows)
         return SamplerState(cache, pending, np.repeat(np.asarray(lens, np.int64), G), P_, G)
 
     def generate(self, params, state: SamplerState, *, max_new_tokens: int, sampling: SamplingParams | Sequence[SamplingParams],
@@ -288,12 +349,13 @@ class Sampler:
         if isinstance(key, (int, np.integer)):
             key = jax.random.key(int(key))
         out_len = self._bucket(int(max_new_tokens), self.new_token_buckets)
-        cache, pending, toks, n, reason, lp, plp = self._generate(
+        window = self._bucket(int(state.row_lengths.max()) + int(max_new_tokens), self.window_buckets, cap=self.cache_len)
+        cache, pending, toks, n, reason, lp, plp, tlp = self._generate(
             params, state.cache, state.pending, self._rows(act), jnp.int32(max_new_tokens), key, self._rows(temp),
             self._rows(top_k), self._rows(top_p), self._rows(greedy),
-            out_len=out_len, all_greedy=all_greedy, use_filter=use_filter,
+            out_len=out_len, all_greedy=all_greedy, use_filter=use_filter, window=window,
         )
-        toks, n, reason, lp, plp = jax.device_get((toks, n, reason, lp, plp))
+        toks, n, reason, lp, plp, tlp = jax.device_get((toks, n, reason, lp, plp, tlp))
         M = int(max_new_tokens)
         n = np.asarray(n[:N], np.int32)
         keep = np.arange(M)[None, :] < n[:, None]
@@ -303,6 +365,7 @@ class Sampler:
             stop_reason=np.asarray([REASONS[r] for r in reason[:N]]),
             logprobs=np.where(keep, lp[:N, :M], 0.0).astype(np.float32),
             plain_logprobs=np.where(keep, plp[:N, :M], 0.0).astype(np.float32),
+            policy_logprobs=np.where(keep, tlp[:N, :M], 0.0).astype(np.float32),
         )
         new_state = SamplerState(cache, pending, state.row_lengths + n, state.n_prompts, state.group_size)
         return new_state, out
@@ -332,4 +395,4 @@ class Sampler:
 
     def compiled_programs(self) -> int:
         """How many programs the jitted entry points hold (for recompile checks)."""
-        return sum(f._cache_size() for f in (self._prefill, self._append, self._generate))
+        return sum(f._cache_size() for f in (self._prefill, self._prefill_shared, self._append, self._generate))

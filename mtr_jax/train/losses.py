@@ -38,8 +38,79 @@ def _logp_entropy(logits, targets, temperature: float):
     return logp, logz - jnp.sum(probs * logits, axis=-1)
 
 
+VOCAB_CHUNK = 32768  # columns of the LM head per chunk of `head_logp_entropy` (its largest divisor of V below this)
+
+
+def vocab_chunk(vocab: int, target: int = VOCAB_CHUNK) -> int:
+    """The largest divisor of `vocab` that is <= target (151936 -> 18992: 8 chunks)."""
+    if vocab <= target:
+        return vocab
+    best = 1
+    for c in range(1, int(vocab ** 0.5) + 1):
+        if vocab % c == 0:
+            for d in (c, vocab // c):
+                if d <= target:
+                    best = max(best, d)
+    return best
+
+
+def head_logp_entropy(params, cfg, h, targets, temperature: float = 1.0, chunk: int | None = None):
+    """log p(targets) and the entropy of softmax(head(h) / temperature), never holding more than
+    [N, chunk] logits: an online logsumexp over vocabulary chunks in a `lax.scan` whose body is
+    rematerialised (`jax.checkpoint`), so the backward pass recomputes each chunk instead of
+    storing [N, V]. h: [..., E] final hidden states (before the final norm); targets: [...]."""
+    lead = h.shape[:-1]
+    x = qwen2.rms_norm(h.reshape(-1, h.shape[-1]), params["final_norm"], cfg.rms_norm_eps).astype(cfg.compute_dtype)
+    tgt = targets.reshape(-1)
+    tied = cfg.tie_word_embeddings
+    w = params["embed"] if tied else params["lm_head"]  # [V, E] tied, [E, V] untied
+    V = cfg.vocab_size
+    c = chunk or vocab_chunk(V)
+    if V % c:
+        raise ValueError(f"vocab chunk {c} does not divide vocab {V}")
+    N = x.shape[0]
+
+    @jax.checkpoint
+    def body(carry, i):
+        m, s, u, t = carry
+        if tied:
+            wc = jax.lax.dynamic_slice_in_dim(w, i * c, c, axis=0)
+            logits = qwen2.mp_einsum("ne,ve->nv", x, wc, cfg.compute_dtype)
+        else:
+            wc = jax.lax.dynamic_slice_in_dim(w, i * c, c, axis=1)
+            logits = qwen2.mp_einsum("ne,ev->nv", x, wc, cfg.compute_dtype)
+        if temperature != 1.0:
+            logits = logits / temperature
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        scale = jnp.exp(m - m_new)
+        z = logits - m_new[:, None]
+        e = jnp.exp(z)
+        # u = sum e * (logit - running max): kept relative to the max so the entropy
+        # log s - u / s does not cancel two logit-sized numbers
+        dm = jnp.where(s > 0, m - m_new, 0.0)  # first chunk: m = -inf and s = 0 (no 0 * inf, even in the gradient)
+        u = scale * (u + s * dm) + jnp.sum(e * z, axis=-1)
+        s = s * scale + jnp.sum(e, axis=-1)
+        local = tgt - i * c
+        hit = (local >= 0) & (local < c)
+        t = t + jnp.where(hit, jnp.take_along_axis(logits, jnp.clip(local, 0, c - 1)[:, None], axis=-1)[:, 0], 0.0)
+        return (m_new, s, u, t), None
+
+    init = (jnp.full((N,), -jnp.inf, jnp.float32), jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.float32),
+            jnp.zeros((N,), jnp.float32))
+    (m, s, u, t), _ = jax.lax.scan(body, init, jnp.arange(V // c))
+    logz = m + jnp.log(s)
+    return (t - logz).reshape(lead), (jnp.log(s) - u / s).reshape(lead)
+
+
 def token_logprobs(params, cfg, tokens, segment_ids=None, positions=None, temperature: float = 1.0):
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1, shape [B, T-1], plus the entropy."""
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1, shape [B, T-1], plus the entropy
+    (vocabulary-chunked: no [B, T, V] logits)."""
+    h = qwen2.hidden_states(params, cfg, tokens, positions, segment_ids)[:, :-1]
+    return head_logp_entropy(params, cfg, h, tokens[:, 1:], temperature)
+
+
+def dense_token_logprobs(params, cfg, tokens, segment_ids=None, positions=None, temperature: float = 1.0):
+    """`token_logprobs` through the full [B, T, V] logits (the reference the chunked one is tested against)."""
     logits = qwen2.forward(params, cfg, tokens, positions, segment_ids)[:, :-1]
     return _logp_entropy(logits, tokens[:, 1:], temperature)
 
@@ -52,24 +123,51 @@ def completion_logprobs(params, cfg, prompts, prompt_lens, completions, temperat
     G = completions.shape[0] // prompts.shape[0]
     # token j is predicted from the state before it: the prompt's last token for j = 0
     h_pred = jnp.concatenate([jnp.repeat(h_last, G, axis=0)[:, None], h_c[:, :-1]], axis=1)
-    return _logp_entropy(qwen2._head(cfg, params, h_pred), completions, temperature)
+    return head_logp_entropy(params, cfg, h_pred, completions, temperature)
+
+
+def label_mask(loss_mask, segment_ids):
+    """[.., T-1]: position t's next token is a label (an assistant token of the same packed segment)."""
+    return loss_mask[..., 1:].astype(bool) & (segment_ids[..., 1:] == segment_ids[..., :-1])
+
+
+def label_index(loss_mask: np.ndarray, segment_ids: np.ndarray, min_bucket: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Host side: per row, the positions t < T-1 whose next token carries loss, padded to one
+    power-of-two bucket K (a few programs over a run). -> (label_idx [.., K] int32, label_w [.., K]
+    float32: 1 for a real label, 0 for padding)."""
+    m = np.asarray(label_mask(np.asarray(loss_mask), np.asarray(segment_ids)))
+    T1 = m.shape[-1]
+    need = int(m.sum(-1).max()) if m.size else 0
+    K = min_bucket
+    while K < need:
+        K *= 2
+    K = min(K, T1)
+    order = np.argsort(~m, axis=-1, kind="stable")[..., :K]  # label positions first, in order
+    w = np.take_along_axis(m, order, axis=-1).astype(np.float32)
+    return np.where(w > 0, order, 0).astype(np.int32), w
 
 
 def sft_loss_num(params, cfg, batch):
     """Sum of next-token cross-entropy over assistant tokens. batch: tokens, loss_mask, segment_ids,
-    positions [B, T]; loss_mask marks tokens to be PREDICTED (the label side)."""
-    logp, _ = token_logprobs(params, cfg, batch["tokens"], batch["segment_ids"], batch["positions"])
-    m = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    # a label never comes from another packed segment
-    m = m * (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1])
+    positions [B, T]; loss_mask marks tokens to be PREDICTED (the label side). With `label_idx` /
+    `label_w` (from `label_index`) the LM head runs only at those positions, vocabulary-chunked."""
+    tokens = batch["tokens"]
+    if "label_idx" in batch:
+        h = qwen2.hidden_states(params, cfg, tokens, batch["positions"], batch["segment_ids"])
+        idx, w = batch["label_idx"], batch["label_w"]
+        h_sel = jnp.take_along_axis(h, idx[..., None], axis=1)  # [B, K, E]
+        tgt = jnp.take_along_axis(tokens, idx + 1, axis=1)
+        logp, _ = head_logp_entropy(params, cfg, h_sel, tgt)
+        return -jnp.sum(logp * w), jnp.sum(w)
+    logp, _ = token_logprobs(params, cfg, tokens, batch["segment_ids"], batch["positions"])
+    m = label_mask(batch["loss_mask"], batch["segment_ids"]).astype(jnp.float32)
     return -jnp.sum(logp * m), jnp.sum(m)
 
 
 def sft_denominator(batches):
     """Label tokens of a whole step ([A, b, T] arrays), computed inside jit: the SFT loss is the
     mean over every assistant token of the step."""
-    seg = batches["segment_ids"]
-    return jnp.sum(batches["loss_mask"][..., 1:] * (seg[..., 1:] == seg[..., :-1]))
+    return jnp.sum(label_mask(batches["loss_mask"], batches["segment_ids"]))
 
 
 def grpo_denominator_jnp(batches, loss_agg: str):

@@ -113,8 +113,10 @@ def train_sft(
     t_last = time.perf_counter()
     for step in range(start + 1, s.steps + 1):
         batch = next(it)
-        arrays = {k: batch[k] for k in ("tokens", "loss_mask", "segment_ids", "positions")}
-        mb = put_micro_batches(split_micro(arrays, s.grad_accum), mesh)
+        arrays = split_micro({k: batch[k] for k in ("tokens", "loss_mask", "segment_ids", "positions")}, s.grad_accum)
+        # the LM head and cross-entropy run only where a label is (15-30% of a trace's tokens)
+        arrays["label_idx"], arrays["label_w"] = losses.label_index(arrays["loss_mask"], arrays["segment_ids"])
+        mb = put_micro_batches(arrays, mesh)
         params, opt_state, m = step_fn(params, opt_state, mb)
         if step % cfg.run.log_every == 0 or step == s.steps:
             m = jax.device_get(m)
