@@ -54,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--checkpoint", required=True)
             sp.add_argument("--out", required=True)
             sp.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: as stored)")
+            sp.add_argument("--adapter-only", action="store_true",
+                            help="write the LoRA adapter as a PEFT directory instead of a merged model")
         if name == "import-hf":
-            sp.add_argument("--model", required=True, help="local HF directory or hub id")
+            sp.add_argument("--model", required=True, help="HF directory, hub id, GGUF file or offline:NAME")
             sp.add_argument("--out", required=True)
             sp.add_argument("--dtype", default="float32")
         if name == "bench":
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--batch", type=int, default=None, help="override the workload's batch size")
             sp.add_argument("--prompt", type=int, default=None, help="sample: prompt tokens; forward: sequence length")
             sp.add_argument("--new", type=int, default=None, help="sample: new tokens per row")
+            sp.add_argument("--case", choices=["decode", "prefix"], default="decode",
+                            help="sample: decode throughput (default) or prefix-caching prefill")
         if name == "plan":
             sp.add_argument("--stage", choices=["sft", "grpo", "both"], default="both", help="which stage(s) to plan")
             sp.add_argument("--json", action="store_true", help="print one JSON object")

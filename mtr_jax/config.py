@@ -35,6 +35,20 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA on the frozen base (model/lora.py): only the adapters train; GRPO's reference is the
+    base itself (no second copy of the weights)."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0  # scale = alpha / rank
+    targets: list = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    dropout: float = 0.0  # only 0.0 is implemented (a non-zero value is refused)
+    base_dtype: str = "bfloat16"  # storage of the frozen base
+    base_quant: str = "none"  # none | int8 (QLoRA: int8 base, one float32 scale per output column)
+
+
+@dataclass
 class MeshConfig:
     data: int = -1  # -1 takes the remaining devices
     fsdp: int = 1
@@ -142,6 +156,7 @@ class RunConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)

@@ -51,6 +51,9 @@ class ReplaySampler:
             self.turns += [runs] * group_size
         self.k = 0
 
+    def rollout_params(self, params):
+        return params
+
     def start(self, params, prompts, group_size=1):
         return None
 
@@ -66,7 +69,7 @@ class ReplaySampler:
         self.k += 1
         reasons = np.array(["eos" if a else "inactive" for a in active])
         lp = np.full((n, max_new_tokens), -0.5, np.float32)
-        return state, SampleOutput(toks, lens, reasons, lp, lp)
+        return state, SampleOutput(toks, lens, reasons, lp, lp, lp)
 
     def append(self, params, state, tokens):
         return state

@@ -210,10 +210,25 @@ for name, fn, batch in (("sft", sft_loss, sft_batch), ("grpo", make_grpo_loss(mc
     p1, l1 = run(mesh1, fn, batch)
     d = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(p8), jax.tree_util.tree_leaves(p1)))
     print(name, abs(l8 - l1), d)
-    assert abs(l8 - l1) <= 1e-5 and d <= 1e-5, (name, l8, l1, d)
+    # params after one AdamW step: a near-zero gradient entry's summation-order noise is scaled
+    # up to ~lr by Adam's normalisation, so the parameter bound is 2e-5 (the loss: 1e-5)
+    assert abs(l8 - l1) <= 1e-5 and d <= 2e-5, (name, l8, l1, d)
 print("OK")
 ''')
     assert "OK" in out
+
+
+@pytest.mark.parametrize("temperature,mu", [(0.7, 2), (0.6, 1)])
+def test_grpo_logprob_gap_is_zero_at_any_temperature(tmp_path, temperature, mu):
+    """The sampler stores log-probs of the tempered policy (before top-k/top-p), the trainer scores
+    the same distribution: in float32 their gap is ~0 at temperature != 1 too, both for the separate
+    old-policy forward (mu=2) and the on-policy shortcut (mu=1)."""
+    run = str(tmp_path / "r")
+    cfg, mc, params, tok, train, actor, tm = grpo_setting(
+        run, steps=2, extra=(f"grpo.temperature={temperature}", f"grpo.mu={mu}", f"grpo.minibatches={mu}", "grpo.top_p=0.9"))
+    train_grpo(cfg, mc, params, tok, train, actor, tm, run, progress=False)
+    rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+    assert len(rows) == 2 and all(r["logprob_gap"] < 1e-4 for r in rows), [r["logprob_gap"] for r in rows]
 
 
 def test_grpo_on_policy_shortcut_equals_explicit_old_logprobs():

@@ -102,7 +102,73 @@ def run(args) -> dict:
 
     dtype = getattr(args, "dtype", None) or "float32"
     with matmul_precision(dtype):
+        if getattr(args, "case", "decode") == "prefix":
+            return _run_prefix(args, dtype)
         return _run(args, dtype)
+
+
+_SUBJECTS = ["Kiss and Tell", "The Hobbit", "Wild Gals of the Naked West", "Arthur's Magazine", "First for Women",
+             "Ed Wood", "Scott Derrickson", "Dune", "Casablanca", "The Third Man", "Metropolis", "Vertigo",
+             "Rashomon", "Nosferatu", "Psycho", "Amelie", "Solaris", "Stalker", "Brazil", "Alien", "Heat", "Fargo",
+             "Memento", "Arrival", "Gravity", "Up", "Coco", "Frozen", "Tangled", "Moana", "Cars", "Ratatouille"]
+
+
+def _run_prefix(args, dtype: str) -> dict:
+    """Prefix caching: prefill of 32 MTR prompts (system prompt + the same tool schemas, then each
+    its own question) with the shared prefix prefilled once, against the same sampler prefilling
+    every prompt whole (`share_prefix=False`). Needs the real tokenizer (the offline extra)."""
+    from transformers import AutoTokenizer
+
+    from mtr_jax.bench import REAL_WEIGHTS, bench_model
+    from mtr_jax.errors import MtrError
+    from mtr_jax.model import sources
+    from mtr_jax.tools.toolmaker import template_tools
+    from mtr_jax.traces import render
+
+    preset = getattr(args, "preset", None) or "qwen2.5-0.5b"
+    if preset not in REAL_WEIGHTS:
+        raise MtrError(f"bench sample --case prefix: needs a preset with a real tokenizer ({', '.join(REAL_WEIGHTS)})")
+    cfg, params, weights = bench_model(preset, dtype, dtype)
+    tok = AutoTokenizer.from_pretrained(str(sources.tokenizer_dir(REAL_WEIGHTS[preset])))
+    n = getattr(args, "batch", None) or 32
+    tools = template_tools("bridge")
+    prompts = [render.render_prompt_ids(tok, render.build_messages(
+        f"Who directed {_SUBJECTS[i % len(_SUBJECTS)]}, and in which city was that director born?"), tools) for i in range(n)]
+    lens = [len(p) for p in prompts]
+    shared_len = Sampler.common_prefix_len(prompts)
+    cache_len = 1 << (max(lens) + 64 - 1).bit_length()
+    R = 2
+    shared = Sampler(cfg, cache_len=cache_len, eos_ids=[], share_prefix=True)
+    whole = Sampler(cfg, cache_len=cache_len, eos_ids=[], share_prefix=False)
+    _log(f"{n} prompts of {min(lens)}-{max(lens)} tokens sharing a {shared_len}-token prefix, {dtype}, {weights} weights")
+
+    def prefill(s):
+        st = s.start(params, prompts)
+        jax.block_until_ready(st.cache["k"])
+        return st
+
+    a, b = prefill(shared), prefill(whole)  # compile both
+    diff = float(jnp.max(jnp.abs(a.cache["k"].astype(jnp.float32) - b.cache["k"].astype(jnp.float32))))
+    _, oa = shared.generate(params, a, max_new_tokens=8, sampling=GREEDY, key=0)
+    _, ob = whole.generate(params, b, max_new_tokens=8, sampling=GREEDY, key=0)
+    t_shared, t_whole = float("inf"), float("inf")
+    for _ in range(R):  # alternating
+        t_shared = min(t_shared, _best(lambda: prefill(shared), 1))
+        t_whole = min(t_whole, _best(lambda: prefill(whole), 1))
+    _log(f"prefill: shared prefix {t_shared:.3f}s, whole prompts {t_whole:.3f}s")
+    dev = jax.devices()[0]
+    return {
+        "workload": "sample", "case": "prefix", "unit": "prompts/s (prefill)",
+        "ours": round(n / t_shared, 3), "peer": round(n / t_whole, 3),
+        "peer_name": "the same sampler without prefix sharing (share_prefix=False)",
+        "ratio": round(t_whole / t_shared, 3),
+        "device": f"{dev.platform}:{getattr(dev, 'device_kind', dev.platform)} ({os.cpu_count()} cores)",
+        "shape": {"prompts": n, "prompt_tokens_min": min(lens), "prompt_tokens_max": max(lens),
+                  "shared_prefix_tokens": shared_len, "dtype": dtype},
+        "weights": weights, "shared_s": round(t_shared, 4), "whole_s": round(t_whole, 4),
+        "cache_max_abs_diff": diff,
+        "greedy_8_tokens_equal": bool(np.array_equal(oa.tokens, ob.tokens)),
+    }
 
 
 def _run(args, dtype: str) -> dict:

@@ -315,6 +315,9 @@ def export_hf(model_or_params, config: Qwen2Config, out_dir, tokenizer=None, dty
     tokenizer files are copied. `dtype`: float32 | bfloat16 (default: the config's param_dtype).
     """
     params = model_or_params.params() if isinstance(model_or_params, Qwen2) else model_or_params
+    from mtr_jax.model import lora
+
+    params = lora.merged(params, config.lora_alpha)  # LoRA adapters folded in (no-op without them)
     dtype = dtype or config.param_dtype
     if dtype not in DTYPES:
         raise MtrError(f"dtype '{dtype}': expected one of {sorted(DTYPES)}")
@@ -418,8 +421,8 @@ def cli_import(args) -> int:
     from mtr_jax.train.checkpoint import Checkpointer
 
     out = pathlib.Path(args.out)
-    ck = Checkpointer(out, keep=1)
-    if ck.latest_step() is not None:
+    # every check before any work (and before orbax starts its threads)
+    if out.is_dir() and any(c.name.isdigit() for c in out.iterdir()):
         raise MtrError(f"--out {out} already holds a checkpoint; choose an empty directory")
     src = sources.resolve(args.model)
     if src.kind == "checkpoint":
@@ -434,6 +437,7 @@ def cli_import(args) -> int:
     meta = {"model_config": dataclasses.asdict(cfg), "source": str(args.model)}
     if ntok:
         meta["tokenizer"] = "tokenizer"  # relative to the checkpoint dir
+    ck = Checkpointer(out, keep=1)
     ck.save(0, {"params": params}, meta=meta, force=True)
     ck.close()
     n = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
@@ -441,11 +445,51 @@ def cli_import(args) -> int:
     return 0
 
 
+def export_peft_adapter(params, config: Qwen2Config, out_dir, base_name: str = "") -> pathlib.Path:
+    """A PEFT LoRA directory (`adapter_config.json` + `adapter_model.safetensors`) that
+    `peft.PeftModel.from_pretrained(base, out_dir)` loads: lora_A = a.T [r, in], lora_B = b.T
+    [out, r], scale lora_alpha / r as ours."""
+    from mtr_jax.model import lora
+
+    _, ad = lora.split_adapters(params)
+    if not ad:
+        raise MtrError("--adapter-only: this checkpoint has no LoRA adapters")
+    keys = lora.adapter_keys(ad)
+    r = int(ad["layers"][keys[0] + lora.SEP + "a"].shape[-1])
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = []
+    for k in keys:
+        a, b = ad["layers"][k + lora.SEP + "a"], ad["layers"][k + lora.SEP + "b"]
+        for i in range(config.num_hidden_layers):
+            stem = f"base_model.model.model.layers.{i}.{lora.PEFT_NAMES[k]}"
+            tensors.append((f"{stem}.lora_A.weight", (r, a.shape[1]), np.float32, lambda a=a, i=i: _to_host(a[i]).astype(np.float32).T))
+            tensors.append((f"{stem}.lora_B.weight", (b.shape[2], r), np.float32, lambda b=b, i=i: _to_host(b[i]).astype(np.float32).T))
+    if jax.process_index() == 0:
+        write_safetensors(out / "adapter_model.safetensors", tensors)
+        (out / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": config.lora_alpha,
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "target_modules": sorted(lora.PEFT_NAMES[k].split(".")[-1] for k in keys),
+            "base_model_name_or_path": base_name, "inference_mode": True,
+        }, indent=2))
+    return out
+
+
 def cli_export(args) -> int:
-    """`mtr export-hf --checkpoint DIR --out DIR [--dtype]`: latest step of our checkpoint -> HF dir."""
-    from mtr_jax.train.checkpoint import find_tokenizer, load_params
+    """`mtr export-hf --checkpoint DIR --out DIR [--dtype] [--adapter-only]`: latest step of our
+    checkpoint -> HF dir (LoRA adapters merged), or with --adapter-only a PEFT adapter dir."""
+    from mtr_jax.train.checkpoint import Checkpointer, _root_and_step, find_tokenizer, load_params
 
     params, cfg = load_params(args.checkpoint)
+    if getattr(args, "adapter_only", False):
+        root, step = _root_and_step(args.checkpoint, None)
+        ck = Checkpointer(root, keep=None, read_only=True)
+        base = ck.meta(step).get("base", "")
+        ck.close()
+        out = export_peft_adapter(params, cfg, args.out, base_name=str(base))
+        print(f"exported the LoRA adapter of {args.checkpoint} -> {out} (base: {base})")
+        return 0
     tok = find_tokenizer(args.checkpoint)
     if "://" in str(args.out):  # gs:// etc.: write locally, then upload file by file with etils
         import tempfile

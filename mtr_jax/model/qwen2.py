@@ -61,6 +61,7 @@ class Qwen2Config:
     # query block of the full-sequence (training) attention; 0 = dense. 128 skips the masked upper
     # triangle (a T=768 CPU train step ~1.5x faster); `mtr plan`'s activation model is fitted to dense
     attention_block: int = 0
+    lora_alpha: float = 16.0  # LoRA scale alpha / r, applied where params hold adapters (model/lora.py)
 
     HF_FIELDS = (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -250,6 +251,22 @@ def _mm(x, w, cfg: Qwen2Config):
     return mp_einsum(f"{lead}e,ef->{lead}f", x, w, cfg.compute_dtype)
 
 
+def _proj(x, lw, key: str, cfg: Qwen2Config):
+    """x @ lw[key] (float32 out), for a plain weight or an int8 QLoRA base ({"int8", "scale"}: one
+    scale per output column, so the scale is applied after the int8 matmul), plus the LoRA update
+    (x @ a) @ b * alpha / r when the layer holds adapters for `key` (model/lora.py)."""
+    w = lw[key]
+    if isinstance(w, dict):
+        out = _mm(x, w["int8"], cfg) * w["scale"][0].astype(jnp.float32)
+    else:
+        out = _mm(x, w, cfg)
+    a = lw.get(key + "@lora_a")
+    if a is not None:
+        xa = _mm(x, a, cfg).astype(cfg.compute_dtype)
+        out = out + _mm(xa, lw[key + "@lora_b"], cfg) * (cfg.lora_alpha / a.shape[-1])
+    return out
+
+
 def rms_norm(x, w, eps):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -318,9 +335,9 @@ def _layer(cfg: Qwen2Config, h, lw, positions, mask, kv_write, causal: bool = Fa
     B, T, _ = h.shape
     dt = cfg.compute_dtype
     x = rms_norm(h, lw["input_norm"], cfg.rms_norm_eps).astype(dt)
-    q = (_mm(x, lw["q_w"], cfg) + lw["q_b"].astype(jnp.float32)).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
-    k = (_mm(x, lw["k_w"], cfg) + lw["k_b"].astype(jnp.float32)).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
-    v = (_mm(x, lw["v_w"], cfg) + lw["v_b"].astype(jnp.float32)).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+    q = (_proj(x, lw, "q_w", cfg) + lw["q_b"].astype(jnp.float32)).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
+    k = (_proj(x, lw, "k_w", cfg) + lw["k_b"].astype(jnp.float32)).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+    v = (_proj(x, lw, "v_w", cfg) + lw["v_b"].astype(jnp.float32)).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
     k_all, v_all, extra = kv_write(k, v)
@@ -328,12 +345,12 @@ def _layer(cfg: Qwen2Config, h, lw, positions, mask, kv_write, causal: bool = Fa
         a = causal_attention(q, k_all, v_all, mask, cfg)
     else:
         a = attention(q, k_all, v_all, mask, cfg, heads_first=heads_first)
-    h = h + _mm(a.astype(dt), lw["o_w"], cfg).astype(h.dtype)
+    h = h + _proj(a.astype(dt), lw, "o_w", cfg).astype(h.dtype)
     x = rms_norm(h, lw["post_norm"], cfg.rms_norm_eps).astype(dt)
-    g = _mm(x, lw["gate_w"], cfg)
-    u = _mm(x, lw["up_w"], cfg)
+    g = _proj(x, lw, "gate_w", cfg)
+    u = _proj(x, lw, "up_w", cfg)
     m = (jax.nn.silu(g) * u).astype(dt)
-    h = h + _mm(m, lw["down_w"], cfg).astype(h.dtype)
+    h = h + _proj(m, lw, "down_w", cfg).astype(h.dtype)
     return h, extra
 
 
@@ -414,7 +431,8 @@ def scatter_bits(cache, index, x):
     """cache.at[index].set(x) (out-of-range slots dropped) on the cache's raw bits. XLA:CPU has no
     bfloat16 scatter: on a bf16 cache it converts the WHOLE [L, B, Hkv, S, D] cache to float32 and
     back at every layer of every step (at Qwen2.5-0.5B, batch 8: 197 -> 104 ms per decode step).
-    A 16-bit float is scattered as uint16 instead: same bits, no conversion."""
+    A 16-bit float is scattered as uint16 instead: same bits, no conversion. Not differentiable
+    (a bitcast carries no gradient): for the sampler's cache only."""
     x = x.astype(cache.dtype)
     if jnp.dtype(cache.dtype).itemsize != 2:
         return cache.at[index].set(x, mode="drop")
@@ -445,9 +463,10 @@ def extend_hidden(params, cfg: Qwen2Config, cache: dict, tokens, lengths):
     rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, C))
 
     def write(ck, cv, k, v):
-        # ck [B, Hkv, S, D]; k [B, C, Hkv, D] lands at [b, :, slot, :]
-        ck = scatter_bits(ck, (rows, slice(None), slots), k)
-        cv = scatter_bits(cv, (rows, slice(None), slots), v)
+        # ck [B, Hkv, S, D]; k [B, C, Hkv, D] lands at [b, :, slot, :]. A plain scatter, not
+        # `scatter_bits`: this path is differentiated (GRPO's shared prompt), and a bitcast is not
+        ck = ck.at[rows, :, slots].set(k.astype(ck.dtype), mode="drop")
+        cv = cv.at[rows, :, slots].set(v.astype(cv.dtype), mode="drop")
         return ck, cv, (ck, cv)
 
     h = jnp.take(params["embed"], tokens, axis=0).astype(jnp.float32)

@@ -25,6 +25,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "layers": None,
     "norm": None,
+    "lora_rank": None,  # LoRA adapters: the rank dim is small, replicated; their in/out dims follow the projection
 }
 
 # head axes may only be split on whole heads (a split inside a head costs an all-gather per matmul)
@@ -70,6 +71,15 @@ def param_shardings(cfg: Qwen2Config, mesh: Mesh) -> dict:
     specs = param_specs(cfg)
     is_spec = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, spec_for(s[1], s[0], mesh, cfg)), specs, is_leaf=is_spec)
+
+
+def adapter_shardings(cfg: Qwen2Config, mesh: Mesh, targets: list, rank: int) -> dict:
+    """Tree of NamedSharding matching `lora.init_adapters(cfg, targets, rank, key)`."""
+    from mtr_jax.model.lora import adapter_specs
+
+    is_spec = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, spec_for(s[1], s[0], mesh, cfg)),
+                                  adapter_specs(cfg, targets, rank), is_leaf=is_spec)
 
 
 def shard_params(params, shardings):

@@ -73,6 +73,7 @@ def run_episodes(
 ) -> list[Episode]:
     """Runs len(records) * group_size episodes in one batch (row = record_index * G + g)."""
     key = jax.random.PRNGKey(0) if key is None else key
+    params = sampler.rollout_params(params)  # one compute-dtype copy for the whole rollout
     system_prompt = system_prompt or trace_render.SYSTEM_PROMPT
     eps: list[Episode] = []
     prompts = []

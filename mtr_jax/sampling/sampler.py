@@ -269,6 +269,26 @@ class Sampler:
 
     # ---------------------------------------------------------------- public API
 
+    def rollout_params(self, params):
+        """The weights the sampler should read: every matmul weight (`*_w`, embed, lm_head) in the compute dtype,
+        made ONCE (jitted, shardings kept), not float32 master weights cast at every matmul of
+        every decode step. Norms and biases stay as they are (the model reads them in float32).
+        The trainer casts the same weights to the same dtype inside its matmuls, so log-probs agree;
+        a tied embedding is also the input lookup, which this rounds to the compute dtype."""
+        dt = self.cfg.compute_dtype
+
+        def is_matmul(path) -> bool:
+            name = getattr(path[-1], "key", "")
+            return name.endswith("_w") or name in ("embed", "lm_head")
+
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        if all(a.dtype == dt or not is_matmul(p) for p, a in flat):
+            return params
+        if not hasattr(self, "_cast_params"):
+            self._cast_params = jax.jit(lambda q: jax.tree_util.tree_map_with_path(
+                lambda p, a: a.astype(dt) if is_matmul(p) else a, q))
+        return self._cast_params(params)
+
     def start(self, params, prompts: list[list[int]], group_size: int = 1) -> SamplerState:
         """Prefill each prompt ONCE and share its cache across `group_size` rows (row = p*G + g).
         The prompt's last token stays pending (fed by the first decode step)."""

@@ -207,7 +207,11 @@ def load_params(ckpt_dir, mesh=None, step: int | None = None, dtype: str | None 
 
     root, step = _root_and_step(ckpt_dir, step)
     ck = Checkpointer(root, keep=None, read_only=True)
-    cfg = _model_config(ck.meta(step), root)
+    meta = ck.meta(step)
+    cfg = _model_config(meta, root)
+    if meta.get("lora"):
+        ck.close()
+        return _load_lora(root, step, meta, cfg, mesh, dtype)
     if mesh is not None:
         from mtr_jax.parallel.rules import param_shardings
 
@@ -226,6 +230,37 @@ def load_params(ckpt_dir, mesh=None, step: int | None = None, dtype: str | None 
         cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
         params = jax.tree_util.tree_map(lambda a: a.astype(cfg.storage_dtype), params)
     return params, cfg
+
+
+def _load_lora(root, step, meta, cfg, mesh, dtype):
+    """A LoRA checkpoint holds adapters only: load its base (`meta["base"]`, any model spec) and
+    return base + adapters in one params tree (the model applies them; export merges them)."""
+    from mtr_jax.model import lora
+    from mtr_jax.model.hf_io import load_hf_params
+    from mtr_jax.model.qwen2 import param_specs
+
+    ls = meta["lora"]
+    if not meta.get("base"):
+        raise MtrError(f"{root}: LoRA checkpoint without a base model (meta 'base')")
+    base, _ = load_hf_params(meta["base"], dtype=dtype or ls.get("base_dtype", "float32"), mesh=mesh)
+    if mesh is not None:
+        from mtr_jax.parallel.rules import adapter_shardings
+
+        shard = adapter_shardings(cfg, mesh, ls["targets"], ls["rank"])
+    else:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shard = jax.tree_util.tree_map(lambda _: dev, lora.adapter_specs(cfg, ls["targets"], ls["rank"]), is_leaf=_is_spec)
+    target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s[0], jnp.float32, sharding=sh),
+                                    lora.adapter_specs(cfg, ls["targets"], ls["rank"]), shard, is_leaf=_is_spec)
+    ck = Checkpointer(root, keep=None, read_only=True)
+    try:
+        state, _ = ck.restore(step, target={"params": target}, items=["params"])
+    finally:
+        ck.close()
+    if ls.get("base_quant") == "int8":  # the model trained against the int8-rounded base
+        base = lora.dequantized(lora.quantize_base(base))
+    cfg = cfg.replace(param_dtype=dtype or cfg.param_dtype, lora_alpha=float(ls["alpha"]))
+    return lora.with_adapters(base, state["params"]), cfg
 
 
 def _model_config(meta: dict, root):

@@ -20,6 +20,7 @@ import numpy as np
 
 from mtr_jax.config import Config
 from mtr_jax.errors import MtrError
+from mtr_jax.model import lora
 from mtr_jax.train import losses
 from mtr_jax.train.metrics import MetricsLogger
 from mtr_jax.train.optim import make_optimizer
@@ -145,9 +146,13 @@ class GRPOTrainer:
             raise MtrError("grpo: no questions to train on")
         self.cfg, self.g, self.model_cfg, self.tok = cfg, g, model_cfg, tokenizer
         self.records, self.actor, self.toolmaker, self.mesh = records, actor, toolmaker, mesh
+        self.frozen = ()
+        if cfg.lora.enabled:  # train adapters only; the frozen base is also the KL reference
+            model_cfg, base, params = lora.prepare(cfg.lora, model_cfg, params, mesh, jax.random.key(cfg.run.seed))
+            self.frozen, self.model_cfg = (base,), model_cfg
         self.params = params
         self.ref_params = ref_params if g.beta else None
-        if g.beta and ref_params is None:
+        if g.beta and ref_params is None and not self.frozen:  # full fine-tuning keeps a copy of the start
             self.ref_params = jax.tree_util.tree_map(lambda x: x.copy(), params)
         self.tx, self.sched = make_optimizer(g.optim, total_steps or g.steps)
         self.opt_state = jax.jit(self.tx.init)(params)
@@ -160,9 +165,18 @@ class GRPOTrainer:
         self.shared_logprob_fn = make_shared_logprob_fn(model_cfg, g.temperature)
         # mu = 1 and one minibatch: on-policy, no separate old-policy forward (as TRL and tunix do)
         self.on_policy = g.mu == 1 and g.minibatches == 1
-        self.step_fn = make_train_step(make_grpo_loss(model_cfg, g, self.on_policy),
-                                       lambda b: losses.grpo_denominator_jnp(b, g.loss_agg), self.tx)
+        inner = make_grpo_loss(model_cfg, g, self.on_policy)
+        loss = (lambda p, mb, base: inner(lora.with_adapters(base, p), mb)) if self.frozen else inner
+        self.step_fn = make_train_step(loss, lambda b: losses.grpo_denominator_jnp(b, g.loss_agg), self.tx)
         self.tools_cache: dict[str, list] = {}
+
+    def policy(self):
+        """The params the model runs: the trained ones, or base + adapters with LoRA."""
+        return lora.with_adapters(self.frozen[0], self.params) if self.frozen else self.params
+
+    def reference(self):
+        """KL reference: with LoRA the base itself (no second copy of the weights)."""
+        return self.frozen[0] if self.frozen else self.ref_params
 
     def tools_for(self, rec):
         if rec.id not in self.tools_cache:
@@ -174,7 +188,7 @@ class GRPOTrainer:
 
         g = self.g
         return run_episodes(
-            self.sampler, self.params if params is None else params, self.tok, recs, [self.tools_for(r) for r in recs],
+            self.sampler, self.policy() if params is None else params, self.tok, recs, [self.tools_for(r) for r in recs],
             self.actor, group_size=group_size, sampling=sampling or self.sampling, max_turns=g.max_turns,
             max_new_tokens=g.max_new_tokens, max_len=g.max_len, key=key,
         )
@@ -231,8 +245,8 @@ class GRPOTrainer:
             gen_mask = b["mask"][:, 1:]
         adv_full = np.zeros(rows, np.float32)
         adv_full[:n] = adv
-        old_logp = zeros if self.on_policy else lp(self.params)
-        ref_logp = lp(self.ref_params) if g.beta else zeros
+        old_logp = zeros if self.on_policy else lp(self.policy())
+        ref_logp = lp(self.reference()) if g.beta else zeros
         data.update(old_logp=old_logp, ref_logp=ref_logp, adv=adv_full)
         gap = None if self.on_policy else float(np.abs((old_logp - sampler_logp) * gen_mask).sum() / n_gen)
         per = rows // mbs
@@ -244,7 +258,7 @@ class GRPOTrainer:
                 gsl = slice(j * per // g.group_size, (j + 1) * per // g.group_size)
                 mb = {k: v[gsl] if k in ("prompts", "prompt_lens") else v[sl] for k, v in data.items()}
                 mb = put_micro_batches(split_micro(mb, 1), self.mesh)
-                self.params, self.opt_state, met = self.step_fn(self.params, self.opt_state, mb)
+                self.params, self.opt_state, met = self.step_fn(self.params, self.opt_state, mb, *self.frozen)
                 met = jax.device_get(met)
                 toks = max(float(met["tokens"]), 1.0)
                 tot["loss"] += float(met["loss"])
@@ -308,7 +322,7 @@ def train_grpo(cfg: Config, model_cfg, params, tokenizer, records, actor, toolma
     """The GRPO loop with checkpoints, metrics and resume; returns the final params."""
     from mtr_jax.data.pipeline import question_batches
     from mtr_jax.train.checkpoint import Checkpointer
-    from mtr_jax.train.sft import _progress
+    from mtr_jax.train.sft import _progress, checkpoint_meta
 
     g = cfg.grpo
     tr = GRPOTrainer(cfg, model_cfg, params, tokenizer, records, actor, toolmaker, mesh=mesh)
@@ -321,6 +335,7 @@ def train_grpo(cfg: Config, model_cfg, params, tokenizer, records, actor, toolma
         latest = ckpt.latest_step()
         if latest is None:
             raise MtrError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}")
+        lora.check_resume(cfg.lora, ckpt.meta(latest), os.path.join(run_dir, "checkpoints"))
         target = {"params": tr.params, "opt_state": tr.opt_state, "key": key}
         if tr.ref_params is not None:
             target["ref_params"] = tr.ref_params
@@ -347,18 +362,19 @@ def train_grpo(cfg: Config, model_cfg, params, tokenizer, records, actor, toolma
             state = {"params": tr.params, "opt_state": tr.opt_state, "key": key}
             if tr.ref_params is not None:
                 state["ref_params"] = tr.ref_params
-            ckpt.save(step, state, meta={"step": step, "data_state": it.get_state(), "model_config": dataclasses.asdict(model_cfg)})
+            ckpt.save(step, state, meta=checkpoint_meta(cfg, tr.model_cfg, step, it.get_state()))
     ckpt.wait()
     ckpt.close()
     bar.close()
     logger.close()
-    return tr.params
+    return tr.policy()
 
 
 def cli(args) -> int:
     from mtr_jax.train.setup import load_records_from_config, load_tokenizer, make_actor, make_toolmaker, setup_model
 
     cfg: Config = args.cfg
+    lora.validate(cfg.lora)  # before any work
     tokenizer = load_tokenizer(cfg)
     records = load_records_from_config(cfg)
     mesh, model_cfg, params = setup_model(cfg)

@@ -69,6 +69,10 @@ def head_logp_entropy(params, cfg, h, targets, temperature: float = 1.0, chunk: 
     if V % c:
         raise ValueError(f"vocab chunk {c} does not divide vocab {V}")
     N = x.shape[0]
+    if c == V:  # one chunk: the plain head (no scan; what a small vocabulary costs anyway)
+        logits = qwen2.mp_einsum("ne,ve->nv" if tied else "ne,ev->nv", x, w, cfg.compute_dtype)
+        logp, ent = _logp_entropy(logits, tgt, temperature)
+        return logp.reshape(lead), ent.reshape(lead)
 
     @jax.checkpoint
     def body(carry, i):

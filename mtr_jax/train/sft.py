@@ -21,6 +21,7 @@ import numpy as np
 
 from mtr_jax.config import Config
 from mtr_jax.errors import MtrError
+from mtr_jax.model import lora
 from mtr_jax.train import losses
 from mtr_jax.train.metrics import MetricsLogger
 from mtr_jax.train.optim import make_optimizer
@@ -65,6 +66,16 @@ def shardings_of(tree):
     return jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
+def checkpoint_meta(cfg: Config, model_cfg, step: int, data_state) -> dict:
+    """A step's metadata; a LoRA run also records its settings and the base (`model.init_from`),
+    since its `params` item holds only the adapters."""
+    meta = {"step": step, "data_state": data_state, "model_config": dataclasses.asdict(model_cfg)}
+    if cfg.lora.enabled:
+        meta["lora"] = lora.settings(cfg.lora)
+        meta["base"] = cfg.model.init_from
+    return meta
+
+
 def train_sft(
     cfg: Config,
     model_cfg,
@@ -85,11 +96,15 @@ def train_sft(
     s = cfg.sft
     if s.batch_size % s.grad_accum:
         raise MtrError(f"sft.batch_size={s.batch_size} is not a multiple of sft.grad_accum={s.grad_accum}")
+    frozen = ()
+    if cfg.lora.enabled:  # train adapters only; the base rides along as a frozen argument
+        model_cfg, base, params = lora.prepare(cfg.lora, model_cfg, params, mesh, jax.random.key(cfg.run.seed))
+        frozen = (base,)
     tx, sched = make_optimizer(s.optim, s.steps)
     opt_state = jax.jit(tx.init)(params)
 
-    def loss_num(p, mb):
-        num, den = losses.sft_loss_num(p, model_cfg, mb)
+    def loss_num(p, mb, *base):
+        num, den = losses.sft_loss_num(lora.with_adapters(base[0], p) if base else p, model_cfg, mb)
         return num, {"tokens": den}
 
     step_fn = make_train_step(loss_num, losses.sft_denominator, tx)
@@ -103,6 +118,7 @@ def train_sft(
             raise MtrError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}")
         target = {"params": params, "opt_state": opt_state}
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+        lora.check_resume(cfg.lora, ckpt.meta(latest), os.path.join(run_dir, "checkpoints"))
         state, meta = ckpt.restore(latest, target=abstract)
         params, opt_state = state["params"], state["opt_state"]
         it.set_state(meta["data_state"])
@@ -117,7 +133,7 @@ def train_sft(
         # the LM head and cross-entropy run only where a label is (15-30% of a trace's tokens)
         arrays["label_idx"], arrays["label_w"] = losses.label_index(arrays["loss_mask"], arrays["segment_ids"])
         mb = put_micro_batches(arrays, mesh)
-        params, opt_state, m = step_fn(params, opt_state, mb)
+        params, opt_state, m = step_fn(params, opt_state, mb, *frozen)
         if step % cfg.run.log_every == 0 or step == s.steps:
             m = jax.device_get(m)
             now = time.perf_counter()
@@ -131,15 +147,14 @@ def train_sft(
             ckpt.wait()
             bar.close()
             logger.close()
-            return params, metrics
+            return (lora.with_adapters(frozen[0], params) if frozen else params), metrics
         if step % cfg.run.checkpoint_every == 0 or step == s.steps:
-            ckpt.save(step, {"params": params, "opt_state": opt_state},
-                      meta={"step": step, "data_state": it.get_state(), "model_config": dataclasses.asdict(model_cfg)})
+            ckpt.save(step, {"params": params, "opt_state": opt_state}, meta=checkpoint_meta(cfg, model_cfg, step, it.get_state()))
     ckpt.wait()
     ckpt.close()
     bar.close()
     logger.close()
-    return params, metrics
+    return (lora.with_adapters(frozen[0], params) if frozen else params), metrics
 
 
 class _NoBar:
@@ -165,6 +180,7 @@ def cli(args) -> int:
     from mtr_jax.train.setup import load_tokenizer, setup_model
 
     cfg: Config = args.cfg
+    lora.validate(cfg.lora)  # before any work
     traces = read_traces(cfg.data.traces)
     tokenizer = load_tokenizer(cfg)
     examples, dropped = traces_to_examples(tokenizer, traces, cfg.sft.seq_len)

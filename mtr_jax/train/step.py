@@ -17,15 +17,17 @@ import optax
 
 
 def make_train_step(loss_num, denom_fn, tx, donate: bool = True):
-    """loss_num(params, micro_batch) -> (numerator, aux dict of sums); denom_fn(batches) -> scalar."""
+    """loss_num(params, micro_batch, *frozen) -> (numerator, aux dict of sums); denom_fn(batches) ->
+    scalar. `step(params, opt_state, batches, *frozen)`: arrays in `frozen` (a LoRA run's base
+    weights) reach the loss as arguments, are neither differentiated nor updated nor donated."""
 
-    def step(params, opt_state, batches):
+    def step(params, opt_state, batches, *frozen):
         denom = jnp.maximum(denom_fn(batches).astype(jnp.float32), 1.0)
         def micro(carry, mb):
             g_acc, loss_acc, aux_acc = carry
 
             def f(p):
-                num, aux = loss_num(p, mb)
+                num, aux = loss_num(p, mb, *frozen)
                 return num / denom, aux
 
             (loss, aux), g = jax.value_and_grad(f, has_aux=True)(params)
@@ -35,7 +37,7 @@ def make_train_step(loss_num, denom_fn, tx, donate: bool = True):
 
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         first = jax.tree_util.tree_map(lambda x: x[0], batches)
-        aux0 = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda p, mb: loss_num(p, mb)[1], params, first))
+        aux0 = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda p, mb: loss_num(p, mb, *frozen)[1], params, first))
         (grads, loss, aux), _ = jax.lax.scan(micro, (zeros, jnp.float32(0.0), aux0), batches)
         gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)

@@ -1,0 +1,202 @@
+"""LoRA (and QLoRA) adapters for the Qwen2 projections, in the model's own pure-function style.
+
+An adapter pair for projection `q_w` lives next to it in the stacked layer weights as
+`q_w@lora_a` [L, in, r] and `q_w@lora_b` [L, r, out]; `qwen2._proj` adds `(x @ a) @ b * alpha / r`
+to the frozen projection. Because the adapters travel inside `params["layers"]`, every path that
+runs layers (training forward, shared-prefix GRPO update, the sampler's prefill and decode, scan or
+unrolled) applies them with no code of its own. `b` starts at zero, so a fresh adapter leaves the
+model exactly as it was.
+
+Why not qwix: qwix's LoRA intercepts the `dot_general`/`einsum` calls of Flax modules by module
+path; our model is one pure function over a dict of stacked arrays (no per-projection module to
+intercept), so the adapters are written here instead, in ~100 lines, and shard under the same
+rules table (logical axes `lora_rank` plus the projection's own in/out axes).
+
+QLoRA: `quantize_base` stores each frozen projection as int8 with one float32 scale per output
+column (symmetric, absmax); `qwen2._mm` dequantizes it to the compute dtype inside the matmul.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtr_jax.errors import MtrError
+
+# user-facing target names (ours and peft's) -> our projection keys
+TARGETS = {"q": "q_w", "k": "k_w", "v": "v_w", "o": "o_w", "gate": "gate_w", "up": "up_w", "down": "down_w"}
+PEFT_NAMES = {"q_w": "self_attn.q_proj", "k_w": "self_attn.k_proj", "v_w": "self_attn.v_proj",
+              "o_w": "self_attn.o_proj", "gate_w": "mlp.gate_proj", "up_w": "mlp.up_proj", "down_w": "mlp.down_proj"}
+_ALIASES = {**{k: v for k, v in TARGETS.items()}, **{v: v for v in TARGETS.values()},
+            **{n.split(".")[-1]: k for k, n in PEFT_NAMES.items()}}
+SEP = "@lora_"
+
+
+def target_keys(targets) -> list[str]:
+    """['q', 'v_proj', 'down_w', ...] -> our projection keys; unknown names are bad input."""
+    if not targets:
+        raise MtrError("lora.targets is empty: name at least one of " + ", ".join(TARGETS))
+    out = []
+    for t in targets:
+        k = _ALIASES.get(str(t))
+        if k is None:
+            raise MtrError(f"lora.targets: unknown target '{t}' (known: {', '.join(TARGETS)}, or peft's q_proj ... down_proj)")
+        if k not in out:
+            out.append(k)
+    return out
+
+
+def validate(lc) -> None:
+    """One-line errors for a `lora:` config section (see config.LoraConfig)."""
+    if not lc.enabled:
+        return
+    if not isinstance(lc.rank, int) or lc.rank < 1:
+        raise MtrError(f"lora.rank={lc.rank!r}: must be an integer >= 1")
+    if not lc.alpha > 0:
+        raise MtrError(f"lora.alpha={lc.alpha!r}: must be > 0")
+    if lc.dropout != 0.0:
+        raise MtrError(f"lora.dropout={lc.dropout!r}: only 0.0 is implemented")
+    if lc.base_dtype not in ("float32", "bfloat16"):
+        raise MtrError(f"lora.base_dtype={lc.base_dtype!r}: expected float32 or bfloat16")
+    if lc.base_quant not in ("none", "int8"):
+        raise MtrError(f"lora.base_quant={lc.base_quant!r}: expected none or int8")
+    target_keys(lc.targets)
+
+
+def adapter_specs(cfg, targets: list[str], rank: int) -> dict:
+    """{"layers": {"q_w@lora_a": (shape, logical axes), ...}} for the given projection keys."""
+    from mtr_jax.model.qwen2 import param_specs
+
+    layers = param_specs(cfg)["layers"]
+    out = {}
+    for k in targets:
+        (L, din, dout), (la, ain, aout) = layers[k]
+        out[k + SEP + "a"] = ((L, din, rank), (la, ain, "lora_rank"))
+        out[k + SEP + "b"] = ((L, rank, dout), (la, "lora_rank", aout))
+    return {"layers": out}
+
+
+def init_adapters(cfg, targets, rank: int, key) -> dict:
+    """a ~ N(0, 1/in) (kaiming-style, as peft's default init scales it), b = 0: a no-op at step 0."""
+    specs = adapter_specs(cfg, list(targets), rank)["layers"]
+    keys = jax.random.split(key, len(specs))
+    out = {}
+    for (name, (shape, _)), k in zip(sorted(specs.items()), keys):
+        if name.endswith("a"):
+            out[name] = jax.random.normal(k, shape, jnp.float32) / np.sqrt(shape[1])
+        else:
+            out[name] = jnp.zeros(shape, jnp.float32)
+    return {"layers": out}
+
+
+def with_adapters(base: dict, adapters: dict | None) -> dict:
+    """The params `forward` takes: the base weights plus the adapter arrays inside `layers`."""
+    if not adapters:
+        return base
+    return dict(base, layers={**base["layers"], **adapters["layers"]})
+
+
+def split_adapters(params: dict) -> tuple[dict, dict]:
+    """Inverse of `with_adapters`: (base, adapters)."""
+    layers = params["layers"]
+    ad = {k: v for k, v in layers.items() if SEP in k}
+    base = dict(params, layers={k: v for k, v in layers.items() if SEP not in k})
+    return base, ({"layers": ad} if ad else {})
+
+
+def adapter_keys(adapters: dict) -> list[str]:
+    return sorted({k.split(SEP)[0] for k in adapters.get("layers", {})})
+
+
+def merged(params: dict, alpha: float) -> dict:
+    """Base + adapters folded into plain weights (W + a @ b * alpha / r), float32: what export writes."""
+    base, ad = split_adapters(params)
+    base = dequantized(base)
+    if not ad:
+        return base
+    layers = dict(base["layers"])
+    for k in adapter_keys(ad):
+        a, b = ad["layers"][k + SEP + "a"], ad["layers"][k + SEP + "b"]
+        r = a.shape[-1]
+        w = layers[k].astype(jnp.float32)
+        layers[k] = (w + jnp.einsum("lir,lro->lio", a.astype(jnp.float32), b.astype(jnp.float32)) * (alpha / r)).astype(layers[k].dtype)
+    return dict(base, layers=layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# QLoRA base: int8 weights with a float32 scale per output column.
+
+QUANT_KEYS = ("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w")
+
+
+def quantize_base(base: dict) -> dict:
+    """Each projection [L, in, out] -> {"int8": int8 [L, in, out], "scale": f32 [L, 1, out]}."""
+
+    def q(w):
+        w = w.astype(jnp.float32)
+        scale = jnp.maximum(jnp.max(jnp.abs(w), axis=1, keepdims=True), 1e-12) / 127.0
+        return {"int8": jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), "scale": scale}
+
+    layers = dict(base["layers"])
+    for k in QUANT_KEYS:
+        layers[k] = jax.jit(q)(layers[k])
+    return dict(base, layers=layers)
+
+
+def is_quantized(w) -> bool:
+    return isinstance(w, dict) and "int8" in w
+
+
+def dequantize(w, dtype=jnp.float32):
+    return (w["int8"].astype(jnp.float32) * w["scale"]).astype(dtype) if is_quantized(w) else w
+
+
+def dequantized(base: dict) -> dict:
+    layers = {k: dequantize(v) for k, v in base["layers"].items()}
+    return dict(base, layers=layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer glue.
+
+
+def settings(lc) -> dict:
+    """What a checkpoint records of the LoRA run (and a resume must match)."""
+    return {"rank": int(lc.rank), "alpha": float(lc.alpha), "targets": target_keys(lc.targets),
+            "base_quant": lc.base_quant, "base_dtype": lc.base_dtype}
+
+
+def check_resume(lc, meta: dict, where) -> None:
+    saved = meta.get("lora")
+    now = settings(lc) if lc.enabled else None
+    if saved != now:
+        raise MtrError(f"{where}: LoRA settings {now} do not match the checkpoint's {saved}")
+
+
+def prepare(lc, model_cfg, params, mesh=None, key=None):
+    """-> (model_cfg with lora_alpha, frozen base, trainable adapters). `params` may already hold
+    adapters (a LoRA checkpoint, e.g. GRPO after LoRA SFT): they are the starting point and must
+    match the settings. The base is stored in `lora.base_dtype` (int8 with `base_quant: int8`)."""
+    validate(lc)
+    targets = target_keys(lc.targets)
+    base, adapters = split_adapters(params)
+    if adapters:
+        have = adapter_keys(adapters)
+        r = int(next(iter(adapters["layers"].values())).shape[-1] if have else 0)
+        if have != sorted(targets) or r != lc.rank:
+            raise MtrError(f"lora: the loaded adapters (targets {have}, rank {r}) do not match lora.targets {sorted(targets)} / lora.rank {lc.rank}")
+    else:
+        key = jax.random.key(0) if key is None else key
+        if mesh is not None:
+            from mtr_jax.parallel.rules import adapter_shardings
+
+            adapters = jax.jit(init_adapters, static_argnums=(0, 1, 2), out_shardings=adapter_shardings(model_cfg, mesh, targets, lc.rank))(
+                model_cfg, tuple(targets), lc.rank, key)
+        else:
+            adapters = jax.jit(init_adapters, static_argnums=(0, 1, 2))(model_cfg, tuple(targets), lc.rank, key)
+    dt = jnp.dtype(lc.base_dtype)
+    base = jax.jit(lambda b: jax.tree_util.tree_map(lambda a: a.astype(dt), b))(dequantized(base))
+    if lc.base_quant == "int8":
+        base = quantize_base(base)
+    return model_cfg.replace(lora_alpha=float(lc.alpha), param_dtype=lc.base_dtype), base, adapters
