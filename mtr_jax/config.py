@@ -31,6 +31,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # storage / master-weight dtype
     remat: bool = False
+    # with remat: what a layer keeps for the backward. full = nothing (recompute the layer);
+    # dots = every matmul output (no matmul recomputed, the elementwise work and attention are)
+    remat_policy: str = "full"
     scan_layers: bool = False
 
 

@@ -15,7 +15,8 @@ What is counted (bytes per device, under the config's mesh and the sharding rule
   attention scores [rows, heads, T, T] in float32, so the estimate is
       no remat:  L x (2.96 x att + 7.16 x lin) + 2.95 x logits
       remat:     L x h + max(2.57 x att + 8.5 x lin, 1.67 x logits) + logits
-  with att = rows*heads*T*T*4, lin = rows*T*(hidden+intermediate)*4, logits = rows*T*vocab*4,
+  with att = rows*heads*T*T*4, lin = rows*T*(hidden+intermediate)*4, logits = rows*T*cols*4 (cols: the
+  vocabulary, or one chunk of the vocabulary-chunked loss when it is larger than 32768),
   h = rows*T*hidden*4. The coefficients were fitted to XLA's compiled memory analysis of the real
   train step on CPU (tests/test_plan.py re-checks a few configs within 25%).
 - GRPO also runs a no-grad log-prob forward over all B x G episodes at once (old/ref log-probs):
@@ -150,6 +151,36 @@ def param_elems_per_device(mcfg, mesh_sizes) -> tuple[int, int]:
     return total, per
 
 
+def _per_device(leaves, mesh, mcfg) -> int:
+    from mtr_jax.parallel.rules import spec_for
+
+    per = 0
+    for shape, names in leaves:
+        spec = spec_for(names, shape, mesh, mcfg)
+        div = 1
+        for ax in spec:
+            for a in (ax,) if isinstance(ax, str) else (ax or ()):
+                div *= mesh.shape[a]
+        per += math.prod(shape) // div
+    return per
+
+
+def lora_elems_per_device(mcfg, mesh_sizes, lc) -> int:
+    """Adapter elements one device holds (they shard like their projection, rank replicated)."""
+    from mtr_jax.model.lora import adapter_specs, target_keys
+
+    return _per_device(_spec_leaves(adapter_specs(mcfg, target_keys(lc.targets), lc.rank)), _fake_mesh(*mesh_sizes), mcfg)
+
+
+def proj_elems_per_device(mcfg, mesh_sizes) -> int:
+    """Elements of the seven projection weights (what QLoRA stores as int8) on one device."""
+    from mtr_jax.model.lora import QUANT_KEYS
+    from mtr_jax.model.qwen2 import param_specs
+
+    layers = param_specs(mcfg)["layers"]
+    return _per_device([layers[k] for k in QUANT_KEYS], _fake_mesh(*mesh_sizes), mcfg)
+
+
 def _spec_leaves(tree):
     if isinstance(tree, dict):
         for v in tree.values():
@@ -174,13 +205,23 @@ def activation_bytes(mcfg, rows: int, T: int, tensor: int = 1, remat: bool | Non
     ti = tensor if I % tensor == 0 else 1
     att = rows * (H / th) * T * T * 4 * causal_fraction(T, getattr(mcfg, "attention_block", 0))
     lin = rows * T * (E + I / ti) * 4
-    logits = rows * T * (V / tv) * 4
+    logits = rows * T * head_columns(V / tv) * 4
     remat = mcfg.remat if remat is None else remat
     if remat:
         a, b, c = REMAT
+        # remat_policy "dots" is planned as "full": XLA:CPU's compiled step with dots saveable measured
+        # within 10% of this (tests/test_plan.py); a separate term overestimated it by 50%
         return L * rows * T * E * 4 + max(a * att + b * lin, c * logits) + logits
     a, b, c = NO_REMAT
     return L * (a * att + b * lin) + c * logits
+
+
+def head_columns(v: float) -> float:
+    """Logit columns the loss holds at once: the whole vocabulary up to one chunk, else one chunk of
+    `train.losses.head_logp_entropy` (151936 -> 18992): it never materialises [rows, T, V]."""
+    from mtr_jax.train.losses import VOCAB_CHUNK, vocab_chunk
+
+    return v if v <= VOCAB_CHUNK else vocab_chunk(int(v))
 
 
 def _forward_only_bytes(mcfg, rows: int, T: int, tensor: int, logits: bool = True) -> float:
@@ -191,7 +232,7 @@ def _forward_only_bytes(mcfg, rows: int, T: int, tensor: int, logits: bool = Tru
     tv = tensor if V % tensor == 0 else 1
     ti = tensor if I % tensor == 0 else 1
     layer = a * rows * (H / th) * T * T * 4 + b * rows * T * (E + I / ti) * 4
-    return layer + (c * rows * T * (V / tv) * 4 if logits else 0.0)
+    return layer + (c * rows * T * head_columns(V / tv) * 4 if logits else 0.0)
 
 
 def _bucket(n: int, multiple: int = 128) -> int:
@@ -211,10 +252,21 @@ def estimate(cfg, mcfg, mesh_sizes: tuple[int, int, int], stage: str) -> dict:
     pb = _DTYPE_BYTES[mcfg.param_dtype]
     cb = _DTYPE_BYTES[mcfg.dtype]
     n_total, n_dev = param_elems_per_device(mcfg, mesh_sizes)
+    lc = getattr(cfg, "lora", None)
+    n_train = n_dev  # what the optimiser updates
+    params_bytes = n_dev * pb
+    if lc is not None and lc.enabled:
+        # LoRA: a frozen base (base_dtype, or int8 + a float32 scale per output column) plus float32
+        # adapters, which alone get gradients and AdamW moments; the KL reference is the base itself
+        n_train = lora_elems_per_device(mcfg, mesh_sizes, lc)
+        bb = _DTYPE_BYTES[lc.base_dtype]
+        proj = proj_elems_per_device(mcfg, mesh_sizes)
+        params_bytes = (n_dev - proj) * bb + (proj * 1 if lc.base_quant == "int8" else proj * bb) + n_train * 4
+        pb = 4  # the adapters
     out = {
-        "params": n_dev * pb,
-        "optimizer": n_dev * (4 + pb),
-        "gradients": n_dev * (4 + pb + 4),
+        "params": params_bytes,
+        "optimizer": n_train * (4 + pb),
+        "gradients": n_train * (4 + pb + 4),
         "reference": 0.0,
         "kv_cache": 0.0,
         "activations": 0.0,
@@ -243,7 +295,7 @@ def estimate(cfg, mcfg, mesh_sizes: tuple[int, int, int], stage: str) -> dict:
         chunk_rows = -(-(n_rows // g.minibatches) // bdiv)
         needs_forward = g.beta > 0 or not (g.mu == 1 and g.minibatches == 1)
         out["logprob_forward"] = _forward_only_bytes(mcfg, chunk_rows, T, tensor) if needs_forward else 0.0
-        if g.beta:
+        if g.beta and not (lc is not None and lc.enabled):
             out["reference"] = out["params"]
         # KV cache: rows sharded over data x fsdp (sampler BATCH_AXES), kv heads replicated
         per_row = 2 * mcfg.num_hidden_layers * g.max_len * mcfg.num_key_value_heads * mcfg.head_dim * cb

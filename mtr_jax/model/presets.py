@@ -18,7 +18,7 @@ import yaml
 
 from mtr_jax.config import CONFIG_DIR, ModelConfig
 from mtr_jax.errors import MtrError
-from mtr_jax.model.qwen2 import Qwen2Config, init_params
+from mtr_jax.model.qwen2 import REMAT_POLICIES, Qwen2Config, init_params
 
 PRESET_DIR = CONFIG_DIR / "model"
 _FIELDS = {f.name for f in dataclasses.fields(Qwen2Config)}
@@ -72,7 +72,10 @@ def resolve_model_config(mc: ModelConfig) -> Qwen2Config:
     if bad:
         raise MtrError(f"model.arch: unknown Qwen2Config fields {bad} (known: {', '.join(Qwen2Config.HF_FIELDS)})")
     try:
-        return cfg.replace(**arch, dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat, scan_layers=mc.scan_layers)
+        if mc.remat_policy not in REMAT_POLICIES:
+            raise MtrError(f"model.remat_policy={mc.remat_policy!r}: expected one of {', '.join(REMAT_POLICIES)}")
+        return cfg.replace(**arch, dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat, scan_layers=mc.scan_layers,
+                           remat_policy=mc.remat_policy)
     except TypeError as e:
         raise MtrError(f"model.arch: {e}") from None
 

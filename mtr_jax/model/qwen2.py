@@ -34,6 +34,8 @@ from flax import nnx
 from mtr_jax.errors import MtrError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# what a rematerialised layer saves for its backward pass (`model.remat_policy`)
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Qwen2Config:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype
     remat: bool = False
+    remat_policy: str = "full"  # full | dots (see REMAT_POLICIES)
     scan_layers: bool = False
     # query block of the full-sequence (training) attention; 0 = dense. 128 skips the masked upper
     # triangle (a T=768 CPU train step ~1.5x faster); `mtr plan`'s activation model is fitted to dense
@@ -367,7 +370,7 @@ def _run_layers(cfg: Qwen2Config, params, h, positions, mask, cache_layers=None,
         return _layer(cfg, h, lw, positions, mask, kv_write, causal=ck is None, heads_first=ck is not None)
 
     if cfg.remat:
-        body = jax.checkpoint(body, prevent_cse=not cfg.scan_layers)
+        body = jax.checkpoint(body, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat_policy])
     ck_all = cache_layers[0] if cache_layers is not None else None
     cv_all = cache_layers[1] if cache_layers is not None else None
     if cfg.scan_layers:

@@ -35,10 +35,16 @@ def make_train_step(loss_num, denom_fn, tx, donate: bool = True):
             aux_acc = jax.tree_util.tree_map(lambda a, b: a + b, aux_acc, aux)
             return (g_acc, loss_acc + loss, aux_acc), None
 
-        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         first = jax.tree_util.tree_map(lambda x: x[0], batches)
         aux0 = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda p, mb: loss_num(p, mb, *frozen)[1], params, first))
-        (grads, loss, aux), _ = jax.lax.scan(micro, (zeros, jnp.float32(0.0), aux0), batches)
+        if jax.tree_util.tree_leaves(batches)[0].shape[0] == 1:
+            # one micro-batch: no float32 accumulator beside the gradients (a params-sized buffer
+            # less at the peak); 0 + g == g, so the numbers are the same as through the scan
+            zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            (grads, loss, aux), _ = micro((zeros, jnp.float32(0.0), aux0), first)
+        else:
+            zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            (grads, loss, aux), _ = jax.lax.scan(micro, (zeros, jnp.float32(0.0), aux0), batches)
         gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         grads = jax.tree_util.tree_map(lambda g: jnp.where(ok, g, 0.0), grads)
