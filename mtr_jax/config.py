@@ -49,6 +49,10 @@ class LoraConfig:
     dropout: float = 0.0  # only 0.0 is implemented (a non-zero value is refused)
     base_dtype: str = "bfloat16"  # storage of the frozen base
     base_quant: str = "none"  # none | int8 (QLoRA: int8 base, one float32 scale per output column)
+    # embedding / head rows that train too (peft's trainable_token_indices): the trace grammar's
+    # tool tags, which some Qwen2.5 checkpoints (the Coder-0.5B-Instruct) never learned;
+    # a PEFT adapter-only export cannot carry them (export the merged model)
+    trainable_tokens: list = field(default_factory=list)  # e.g. ["<tool_call>", "</tool_call>"] (the demo does)
 
 
 @dataclass

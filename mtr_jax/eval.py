@@ -57,11 +57,9 @@ def evaluate_records(run_rollout, records, batch_size: int, out_path: str | None
     todo = [r for r in records if r.id not in done]
     rows = [done[r.id] for r in records if r.id in done]
     fout = open(out_path, "a") if out_path else None
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from mtr_jax.progress import progress as make_bar
 
-        bar = tqdm(total=len(records), initial=len(rows), desc=desc, dynamic_ncols=True)
+    bar = make_bar(len(records), len(rows), desc, progress)
     try:
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
@@ -71,13 +69,11 @@ def evaluate_records(run_rollout, records, batch_size: int, out_path: str | None
                 if fout:
                     fout.write(json.dumps(row, ensure_ascii=False) + "\n")
                     fout.flush()
-            if bar:
-                bar.update(len(chunk))
+            bar.update(len(chunk))
     finally:
         if fout:
             fout.close()
-        if bar:
-            bar.close()
+        bar.close()
     return rows
 
 

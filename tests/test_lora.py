@@ -244,3 +244,55 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert np.array_equal(_flat(lora.split_adapters(got)[1]), _flat(lora.split_adapters(want)[1]))
     rows = [json.loads(l) for l in open(os.path.join(cut, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["kl"] >= 0 for r in rows)
+
+
+def test_trainable_token_rows_train_reload_and_export(tmp_path):
+    """lora.trainable_tokens: a no-op at step 0; SFT moves exactly those rows of embed and lm_head
+    (the rest of the base is bitwise unchanged); the checkpoint reloads to the same model; the
+    merged export carries the rows (transformers logits); --adapter-only refuses in one line."""
+    import torch
+    import transformers
+
+    from mtr_jax.model.hf_io import export_hf, load_hf_params
+    from mtr_jax.train.checkpoint import load_params
+    from mtr_jax.train.sft import train_sft
+
+    make_hf_model(tmp_path / "base", tied=False)
+    cfg = load_config(None, ["sft.steps=6", "sft.batch_size=4", "sft.seq_len=64", "sft.optim.lr=2e-2",
+                             "sft.optim.warmup_steps=0", "run.checkpoint_every=100", "lora.enabled=true",
+                             "lora.rank=4", "lora.alpha=8", "lora.targets=[q,v]", "lora.base_dtype=float32",
+                             f"model.init_from={tmp_path / 'base'}"])
+    params, mc = load_hf_params(str(tmp_path / "base"))
+    ids = (7, 9)
+    mc2, base, ad = lora.prepare(cfg.lora, mc, params, token_ids=ids)
+    toks = jnp.asarray(np.random.RandomState(1).randint(0, 256, (2, 13)), jnp.int32).at[:, 3].set(7)
+    np.testing.assert_array_equal(np.asarray(qwen2.forward(lora.with_adapters(base, ad, ids), mc2, toks)),
+                                  np.asarray(qwen2.forward(params, mc2, toks)))
+    rng = np.random.RandomState(0)
+    examples = []
+    for _ in range(16):  # the labels are mostly token 7 and 9: their rows get gradient
+        seq = rng.randint(3, 256, 24).astype(np.int32)
+        seq[12::2] = 7
+        seq[13::2] = 9
+        mask = np.zeros(24, np.int32); mask[12:] = 1
+        examples.append((seq, mask))
+    out, _ = train_sft(cfg, mc, params, examples, str(tmp_path / "run"), progress=False, token_ids=ids)
+    emb0, emb1 = np.asarray(params["embed"]), np.asarray(out["embed"])
+    head0, head1 = np.asarray(params["lm_head"]), np.asarray(out["lm_head"])
+    other = np.setdiff1d(np.arange(emb0.shape[0]), ids)
+    assert np.array_equal(emb0[other], emb1[other]) and np.array_equal(head0[:, other], head1[:, other])
+    assert np.abs(emb1[list(ids)] - emb0[list(ids)]).max() > 1e-3
+    assert np.abs(head1[:, list(ids)] - head0[:, list(ids)]).max() > 1e-3
+    mc = mc.replace(lora_alpha=8.0)
+    probe = rng.randint(0, 256, (2, 13))
+    probe[:, 4] = 9
+    ours = np.asarray(qwen2.forward(out, mc, jnp.asarray(probe, jnp.int32)))
+    again, mc3 = load_params(str(tmp_path / "run"))
+    np.testing.assert_allclose(np.asarray(qwen2.forward(again, mc3, jnp.asarray(probe, jnp.int32))), ours, atol=1e-5)
+    export_hf(out, mc, tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    assert np.max(np.abs(hf_logits(merged, probe) - ours)) < 1e-4
+    r = subprocess.run([sys.executable, "-m", "mtr_jax.cli", "export-hf", "--checkpoint", str(tmp_path / "run"),
+                        "--out", str(tmp_path / "ad"), "--adapter-only"], capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO)
+    assert r.returncode == 2 and "trainable_tokens" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

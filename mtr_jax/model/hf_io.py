@@ -485,8 +485,12 @@ def cli_export(args) -> int:
     if getattr(args, "adapter_only", False):
         root, step = _root_and_step(args.checkpoint, None)
         ck = Checkpointer(root, keep=None, read_only=True)
-        base = ck.meta(step).get("base", "")
+        meta = ck.meta(step)
+        base = meta.get("base", "")
         ck.close()
+        if (meta.get("lora") or {}).get("token_ids"):
+            raise MtrError(f"{args.checkpoint}: this LoRA run also trained embedding/head rows (lora.trainable_tokens), "
+                           "which a PEFT adapter directory here would not carry; export the merged model (drop --adapter-only)")
         out = export_peft_adapter(params, cfg, args.out, base_name=str(base))
         print(f"exported the LoRA adapter of {args.checkpoint} -> {out} (base: {base})")
         return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 
 import jax
@@ -24,6 +25,16 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from mtr_jax.errors import MtrError
+
+
+class _PartialRestoreNoise(logging.Filter):
+    """Orbax warns for every item a partial restore leaves out (`items=["params"]` on purpose)."""
+
+    def filter(self, record):
+        return "was found in the checkpoint, but could not be restored" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_PartialRestoreNoise())
 
 META = "meta"
 
@@ -252,6 +263,13 @@ def _load_lora(root, step, meta, cfg, mesh, dtype):
         shard = jax.tree_util.tree_map(lambda _: dev, lora.adapter_specs(cfg, ls["targets"], ls["rank"]), is_leaf=_is_spec)
     target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s[0], jnp.float32, sharding=sh),
                                     lora.adapter_specs(cfg, ls["targets"], ls["rank"]), shard, is_leaf=_is_spec)
+    ids = ls.get("token_ids") or []
+    if ids:  # trainable token rows (lora.token_rows), replicated
+        E = cfg.hidden_size
+        rep = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
+               else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        names = ["embed" + lora.ROWS] + ([] if cfg.tie_word_embeddings else ["lm_head" + lora.ROWS])
+        target.update({k: jax.ShapeDtypeStruct((len(ids), E), jnp.float32, sharding=rep) for k in names})
     ck = Checkpointer(root, keep=None, read_only=True)
     try:
         state, _ = ck.restore(step, target={"params": target}, items=["params"])
@@ -260,7 +278,7 @@ def _load_lora(root, step, meta, cfg, mesh, dtype):
     if ls.get("base_quant") == "int8":  # the model trained against the int8-rounded base
         base = lora.dequantized(lora.quantize_base(base))
     cfg = cfg.replace(param_dtype=dtype or cfg.param_dtype, lora_alpha=float(ls["alpha"]))
-    return lora.with_adapters(base, state["params"]), cfg
+    return lora.with_adapters(base, state["params"], ids), cfg
 
 
 def _model_config(meta: dict, root):

@@ -147,8 +147,10 @@ class GRPOTrainer:
         self.cfg, self.g, self.model_cfg, self.tok = cfg, g, model_cfg, tokenizer
         self.records, self.actor, self.toolmaker, self.mesh = records, actor, toolmaker, mesh
         self.frozen = ()
+        self.token_ids = lora.resolve_tokens(cfg.lora, tokenizer) if cfg.lora.enabled else ()
         if cfg.lora.enabled:  # train adapters only; the frozen base is also the KL reference
-            model_cfg, base, params = lora.prepare(cfg.lora, model_cfg, params, mesh, jax.random.key(cfg.run.seed))
+            model_cfg, base, params = lora.prepare(cfg.lora, model_cfg, params, mesh, jax.random.key(cfg.run.seed),
+                                                   token_ids=self.token_ids)
             self.frozen, self.model_cfg = (base,), model_cfg
         self.params = params
         self.ref_params = ref_params if g.beta else None
@@ -166,13 +168,13 @@ class GRPOTrainer:
         # mu = 1 and one minibatch: on-policy, no separate old-policy forward (as TRL and tunix do)
         self.on_policy = g.mu == 1 and g.minibatches == 1
         inner = make_grpo_loss(model_cfg, g, self.on_policy)
-        loss = (lambda p, mb, base: inner(lora.with_adapters(base, p), mb)) if self.frozen else inner
+        loss = (lambda p, mb, base: inner(lora.with_adapters(base, p, self.token_ids), mb)) if self.frozen else inner
         self.step_fn = make_train_step(loss, lambda b: losses.grpo_denominator_jnp(b, g.loss_agg), self.tx)
         self.tools_cache: dict[str, list] = {}
 
     def policy(self):
         """The params the model runs: the trained ones, or base + adapters with LoRA."""
-        return lora.with_adapters(self.frozen[0], self.params) if self.frozen else self.params
+        return lora.with_adapters(self.frozen[0], self.params, self.token_ids) if self.frozen else self.params
 
     def reference(self):
         """KL reference: with LoRA the base itself (no second copy of the weights)."""
@@ -335,7 +337,7 @@ def train_grpo(cfg: Config, model_cfg, params, tokenizer, records, actor, toolma
         latest = ckpt.latest_step()
         if latest is None:
             raise MtrError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}")
-        lora.check_resume(cfg.lora, ckpt.meta(latest), os.path.join(run_dir, "checkpoints"))
+        lora.check_resume(cfg.lora, ckpt.meta(latest), os.path.join(run_dir, "checkpoints"), tr.token_ids)
         target = {"params": tr.params, "opt_state": tr.opt_state, "key": key}
         if tr.ref_params is not None:
             target["ref_params"] = tr.ref_params
@@ -362,7 +364,7 @@ def train_grpo(cfg: Config, model_cfg, params, tokenizer, records, actor, toolma
             state = {"params": tr.params, "opt_state": tr.opt_state, "key": key}
             if tr.ref_params is not None:
                 state["ref_params"] = tr.ref_params
-            ckpt.save(step, state, meta=checkpoint_meta(cfg, tr.model_cfg, step, it.get_state()))
+            ckpt.save(step, state, meta=checkpoint_meta(cfg, tr.model_cfg, step, it.get_state(), tr.token_ids))
     ckpt.wait()
     ckpt.close()
     bar.close()

@@ -66,12 +66,12 @@ def shardings_of(tree):
     return jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
-def checkpoint_meta(cfg: Config, model_cfg, step: int, data_state) -> dict:
+def checkpoint_meta(cfg: Config, model_cfg, step: int, data_state, token_ids=()) -> dict:
     """A step's metadata; a LoRA run also records its settings and the base (`model.init_from`),
     since its `params` item holds only the adapters."""
     meta = {"step": step, "data_state": data_state, "model_config": dataclasses.asdict(model_cfg)}
     if cfg.lora.enabled:
-        meta["lora"] = lora.settings(cfg.lora)
+        meta["lora"] = lora.settings(cfg.lora, token_ids)
         meta["base"] = cfg.model.init_from
     return meta
 
@@ -87,9 +87,11 @@ def train_sft(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    token_ids=(),
 ):
     """Runs `cfg.sft.steps` optimiser steps; returns (params, last metrics). `stop_after` ends the
-    loop early (tests: simulate a run that is cut short) without the final checkpoint."""
+    loop early (tests: simulate a run that is cut short) without the final checkpoint. `token_ids`:
+    with LoRA, the embedding / head rows that train too (`lora.resolve_tokens`)."""
     from mtr_jax.data.pipeline import sft_batches
     from mtr_jax.train.checkpoint import Checkpointer
 
@@ -98,13 +100,14 @@ def train_sft(
         raise MtrError(f"sft.batch_size={s.batch_size} is not a multiple of sft.grad_accum={s.grad_accum}")
     frozen = ()
     if cfg.lora.enabled:  # train adapters only; the base rides along as a frozen argument
-        model_cfg, base, params = lora.prepare(cfg.lora, model_cfg, params, mesh, jax.random.key(cfg.run.seed))
+        model_cfg, base, params = lora.prepare(cfg.lora, model_cfg, params, mesh, jax.random.key(cfg.run.seed),
+                                               token_ids=token_ids)
         frozen = (base,)
     tx, sched = make_optimizer(s.optim, s.steps)
     opt_state = jax.jit(tx.init)(params)
 
     def loss_num(p, mb, *base):
-        num, den = losses.sft_loss_num(lora.with_adapters(base[0], p) if base else p, model_cfg, mb)
+        num, den = losses.sft_loss_num(lora.with_adapters(base[0], p, token_ids) if base else p, model_cfg, mb)
         return num, {"tokens": den}
 
     step_fn = make_train_step(loss_num, losses.sft_denominator, tx)
@@ -118,7 +121,7 @@ def train_sft(
             raise MtrError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}")
         target = {"params": params, "opt_state": opt_state}
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-        lora.check_resume(cfg.lora, ckpt.meta(latest), os.path.join(run_dir, "checkpoints"))
+        lora.check_resume(cfg.lora, ckpt.meta(latest), os.path.join(run_dir, "checkpoints"), token_ids)
         state, meta = ckpt.restore(latest, target=abstract)
         params, opt_state = state["params"], state["opt_state"]
         it.set_state(meta["data_state"])
@@ -147,33 +150,20 @@ def train_sft(
             ckpt.wait()
             bar.close()
             logger.close()
-            return (lora.with_adapters(frozen[0], params) if frozen else params), metrics
+            return (lora.with_adapters(frozen[0], params, token_ids) if frozen else params), metrics
         if step % cfg.run.checkpoint_every == 0 or step == s.steps:
-            ckpt.save(step, {"params": params, "opt_state": opt_state}, meta=checkpoint_meta(cfg, model_cfg, step, it.get_state()))
+            ckpt.save(step, {"params": params, "opt_state": opt_state}, meta=checkpoint_meta(cfg, model_cfg, step, it.get_state(), token_ids))
     ckpt.wait()
     ckpt.close()
     bar.close()
     logger.close()
-    return (lora.with_adapters(frozen[0], params) if frozen else params), metrics
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
+    return (lora.with_adapters(frozen[0], params, token_ids) if frozen else params), metrics
 
 
 def _progress(total, start, desc, enabled):
-    if not enabled or jax.process_index() != 0:
-        return _NoBar()
-    from tqdm import tqdm
+    from mtr_jax.progress import progress
 
-    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+    return progress(total, start, desc, enabled)
 
 
 def cli(args) -> int:
@@ -188,5 +178,6 @@ def cli(args) -> int:
     print(f"sft: {len(examples)} traces ({dropped} dropped), {cfg.sft.steps} steps -> {cfg.run.out_dir}")
     if jax.process_index() == 0:  # next to the checkpoints, so export-hf / eval find it
         tokenizer.save_pretrained(os.path.join(cfg.run.out_dir, "checkpoints", "tokenizer"))
-    train_sft(cfg, model_cfg, params, examples, cfg.run.out_dir, mesh=mesh, resume=args.resume)
+    token_ids = lora.resolve_tokens(cfg.lora, tokenizer) if cfg.lora.enabled else ()
+    train_sft(cfg, model_cfg, params, examples, cfg.run.out_dir, mesh=mesh, resume=args.resume, token_ids=token_ids)
     return 0
