@@ -14,7 +14,7 @@ from mtr_jax.errors import MtrError
 
 # subcommand -> (module, function, help). The function takes the parsed argparse namespace.
 COMMANDS = {
-    "demo": ("mtr_jax.demo", "cli", "embedded default: synthetic world, zero-shot -> SFT -> GRPO on CPU"),
+    "demo": ("mtr_jax.demo", "cli", "embedded default: a real Qwen2.5 (offline) on a synthetic world, zero-shot -> LoRA SFT -> GRPO on CPU"),
     "make-tools": ("mtr_jax.tools.toolmaker", "cli", "ToolMaker over a dataset -> tools JSONL"),
     "make-traces": ("mtr_jax.tools.autoagent", "cli", "AutoAgent + ToolActor -> SFT traces JSONL"),
     "sft": ("mtr_jax.train.sft", "cli", "supervised fine-tuning on traces"),
@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", default="runs/demo", help="output directory")
             sp.add_argument("--config", default=None, help="optional YAML overriding the demo defaults")
             sp.add_argument("--small", action="store_true", help="a minutes-scale smoke configuration")
+            sp.add_argument("--model", default=None,
+                            help="the Qwen2.5 to start from: hub id, HF dir, .gguf, checkpoint or offline:NAME "
+                                 "(default: offline:qwen2.5-coder-0.5b-instruct)")
+            sp.add_argument("--tiny", action="store_true", help="train a 1M-parameter Qwen2 from scratch instead (smoke run)")
             sp.add_argument("overrides", nargs="*", help="key=value overrides")
         if name == "export-hf":
             sp.add_argument("--checkpoint", required=True)

@@ -1,16 +1,24 @@
-"""`mtr demo`: the whole MTR pipeline, offline, on a CPU, in minutes.
+"""`mtr demo`: the whole MTR pipeline on a real Qwen2.5, offline, on a CPU.
 
-1. A synthetic multi-hop world: fictional people, cities, films and companies; bridge and
-   comparison questions; held-out questions about entities never seen in training.
-2. ToolMaker (template backend) makes each question's tools; the AutoAgent (oracle) writes
+1. A synthetic multi-hop world (fictional people, cities, films, companies); held-out questions
+   are about entities no training question mentions, so a right answer has to come from the tools.
+2. ToolMaker (template) makes each question's tools; the AutoAgent (oracle) writes
    think -> call -> observe -> answer traces with the ToolActor (corpus backend over the world's
-   entity pages) answering every call; only traces with a correct, grounded answer are kept.
-3. A byte-level BPE tokenizer is trained on the world's text, with Qwen2.5's special tokens and
-   official chat template; a tiny Qwen2 is initialised from scratch.
-4. SFT on the traces, then GRPO with the composite trace reward (rollouts from the jitted sampler,
-   tool turns answered by the ToolActor), each evaluated on the held-out questions (greedy).
-5. A table of EM/F1 (untrained / SFT / GRPO), results.json, PNG training curves, and the final
-   model exported to Hugging Face format (loaded back with transformers when torch is installed).
+   pages) answering every call; only traces with a correct, grounded answer are kept.
+3. The model: Qwen2.5-Coder-0.5B-Instruct from the `offline` extra by default (`--model` takes any
+   Qwen2.5 `load_hf` accepts). Zero-shot eval on the held-out questions.
+4. LoRA SFT on the traces (plus the `<tool_call>` rows of the embedding and head, which this
+   checkpoint never learned), eval; GRPO with LoRA (reference = the SFT model's base), eval.
+5. A table per stage (EM, F1 with a 90% bootstrap interval, tool calls, format failures, time), EM
+   per question kind, a paired interval on GRPO - SFT; results.json, curves.png, the traces and
+   per-question JSONL; the merged model exported with `export_hf`, reloaded by transformers, which
+   answers one held-out question with real tool calls.
+
+Besides results.json (one entry per stage), run.json holds the run's model, seeds, stage times,
+peak RSS and the paired GRPO - SFT interval.
+
+`mtr demo --tiny` is the from-scratch variant (a 1M-parameter Qwen2 and a tokenizer trained on the
+world, `demo_tiny.py`): the test suite's smoke run, minutes on a CPU, learns little.
 """
 
 from __future__ import annotations
@@ -18,23 +26,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import time
 from dataclasses import dataclass, field
 
 import jax
 import numpy as np
 
-from mtr_jax.config import Config, apply_overrides, from_dict, read_yaml, _deep_merge
+from mtr_jax.config import Config, _deep_merge, apply_overrides, from_dict, read_yaml
 from mtr_jax.errors import MtrError
+
+DEFAULT_MODEL = "offline:qwen2.5-coder-0.5b-instruct"
 
 
 @dataclass
 class WorldConfig:
     seed: int = 0
-    n_train: int = 400
+    n_train: int = 64
     n_heldout: int = 100
-    vocab_size: int = 1536
-    # many entities, so a training name rarely repeats: memorising does not pay, copying does
+    vocab_size: int = 1536  # --tiny only: its trained tokenizer
     n_people: int = 300
     n_cities: int = 60
     n_films: int = 200
@@ -43,88 +53,71 @@ class WorldConfig:
 
 
 @dataclass
-class DemoConfig:
+class RealDemoConfig:
+    model: str = DEFAULT_MODEL
     world: WorldConfig = field(default_factory=WorldConfig)
-    arch: dict = field(default_factory=lambda: dict(
-        hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True,
-        attention_block=128,  # block-causal training attention: the demo's SFT step ~1.5x faster
-    ))
-    config: dict = field(default_factory=dict)  # a standard Config (sft/grpo/eval/run sections)
+    config: dict = field(default_factory=dict)  # a standard Config (model/lora/sft/grpo/eval/run sections)
 
 
-DEMO_DEFAULTS = {
-    "model": {"dtype": "bfloat16", "param_dtype": "float32"},  # bf16 compute, f32 master weights
-    "sft": {"steps": 300, "batch_size": 8, "seq_len": 768, "grad_accum": 1,
-            "optim": {"lr": 3e-3, "warmup_steps": 20, "weight_decay": 0.0, "schedule": "cosine"}},
-    "grpo": {"steps": 8, "batch_size": 8, "group_size": 4, "max_turns": 4, "max_new_tokens": 64, "max_len": 768,
-             "temperature": 1.0, "beta": 0.0, "optim": {"lr": 2e-4, "warmup_steps": 0, "schedule": "constant"}},
-    "eval": {"max_turns": 4, "max_new_tokens": 64, "max_len": 768, "batch_size": 50},
-    "run": {"checkpoint_every": 100, "seed": 0},
+# Why these numbers (2-core CPU): an SFT step of 4 x 768 tokens costs ~60 s at 0.5B, so SFT gets
+# 8 steps (32 traces; the loss is flat after ~6); GRPO gets 3 steps of 4 questions x 4 rollouts;
+# every eval is 100 held-out questions, greedy, batched 50 at a time with the prompt prefix shared.
+REAL_DEFAULTS = {
+    "model": {"dtype": "bfloat16"},
+    "lora": {"enabled": True, "rank": 16, "alpha": 32.0, "base_dtype": "bfloat16",
+             "trainable_tokens": ["<tool_call>", "</tool_call>"]},
+    "sft": {"steps": 8, "batch_size": 4, "seq_len": 768, "grad_accum": 1,
+            "optim": {"lr": 1e-3, "warmup_steps": 2, "weight_decay": 0.0, "schedule": "cosine"}},
+    "grpo": {"steps": 3, "batch_size": 4, "group_size": 4, "max_turns": 4, "max_new_tokens": 48, "max_len": 1024,
+             "temperature": 1.0, "beta": 0.0, "optim": {"lr": 1e-4, "warmup_steps": 0, "schedule": "constant"}},
+    "eval": {"max_turns": 4, "max_new_tokens": 48, "max_len": 1024, "batch_size": 50},
+    "run": {"checkpoint_every": 1000, "seed": 0, "log_every": 1},
 }
 
-SMALL = {  # a smoke configuration for tests: every stage runs, nothing is expected to learn much
-    "world.n_train": 40, "world.n_heldout": 8,
-    "arch.hidden_size": 64, "arch.intermediate_size": 128, "arch.num_hidden_layers": 2,
-    "config.sft.steps": 4, "config.sft.batch_size": 4, "config.grpo.steps": 2, "config.grpo.batch_size": 2,
-    "config.grpo.group_size": 2, "config.grpo.max_new_tokens": 24, "config.eval.max_new_tokens": 24,
-    "config.run.checkpoint_every": 2,
+SMALL_REAL = {  # the tests' reduced real-model demo: every stage on the real weights, in minutes
+    "world.n_train": 8, "world.n_heldout": 4,
+    "config.sft.steps": 2, "config.sft.batch_size": 2, "config.grpo.steps": 1, "config.grpo.batch_size": 2,
+    "config.grpo.group_size": 2, "config.grpo.max_new_tokens": 16, "config.grpo.max_turns": 2,
+    "config.eval.max_new_tokens": 16, "config.eval.max_turns": 2,
 }
 
 
-def load_demo_config(path: str | None, overrides: list[str], small: bool, out_dir: str) -> tuple[DemoConfig, Config]:
-    # the arch defaults go in first, so `arch.hidden_size=256` (or a YAML `arch:` section) changes
-    # one field instead of replacing the whole dict (which silently built a 24-layer default Qwen2)
-    data = {"arch": dict(DemoConfig().arch), "config": json.loads(json.dumps(DEMO_DEFAULTS))}
+def load_real_config(path, overrides, small, out_dir, model=None) -> tuple[RealDemoConfig, Config]:
+    data = {"config": json.loads(json.dumps(REAL_DEFAULTS))}
     if path:
         data = _deep_merge(data, read_yaml(path))
-    items = [f"{k}={v}" for k, v in SMALL.items()] if small else []
+    items = [f"{k}={v}" for k, v in SMALL_REAL.items()] if small else []
     items += list(overrides)
-    # plain section keys (sft.steps=...) address the standard Config
-    sections = {f.name for f in dataclasses.fields(Config)}
-    items = [f"config.{i}" if i.split(".", 1)[0] in sections else i for i in items]
+    sections = {f.name for f in dataclasses.fields(Config)} - {"model"}
+    items = [f"config.{i}" if i.split(".", 1)[0] in sections or i.startswith("model.") else i for i in items]
     data = apply_overrides(data, items)
-    demo = from_dict(DemoConfig, data)
-    _check_arch(demo.arch)
+    if model:
+        data["model"] = model
+    demo = from_dict(RealDemoConfig, data)
     cfg = from_dict(Config, demo.config, "config")
     cfg.run.out_dir = out_dir
+    cfg.model.init_from = demo.model  # LoRA checkpoints point at their base
+    from mtr_jax.model import lora
+
+    lora.validate(cfg.lora)
     return demo, cfg
 
 
-_ARCH_SET_BY_DEMO = ("vocab_size", "eos_token_id", "dtype", "param_dtype")
+# ---------------------------------------------------------------------------------------------
+# Pieces both demos use.
 
-
-def _check_arch(arch: dict) -> None:
-    """`arch` holds Qwen2Config fields: unknown keys, wrong types and heads that do not divide are a
-    one-line error before any work starts (not a TypeError after the world and tokenizer are built)."""
-    from mtr_jax.model.qwen2 import Qwen2Config
-
-    for k in _ARCH_SET_BY_DEMO:
-        if k in arch:
-            raise MtrError(f"arch.{k} is set by the demo itself (from its tokenizer and model.dtype); remove it")
-    from_dict(Qwen2Config, arch, "arch")
-
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
-
-
-def run_demo(demo: DemoConfig, cfg: Config, out_dir: str, progress: bool = True, log=print) -> dict:
+def build_world(w: WorldConfig):
     from mtr_jax.data.synthetic import make_world, split_world
-    from mtr_jax.model import qwen2
+
+    world = make_world(seed=w.seed, n_people=w.n_people, n_cities=w.n_cities, n_films=w.n_films,
+                       n_companies=w.n_companies)
+    return split_world(world, n_train=w.n_train, n_heldout=w.n_heldout, seed=w.seed, kinds=w.kinds or None)
+
+
+def make_traces(cfg: Config, train_q, out_dir: str):
     from mtr_jax.tools.autoagent import AutoAgent
     from mtr_jax.tools.toolactor import ToolActor
     from mtr_jax.tools.toolmaker import ToolMaker
-    from mtr_jax.train.grpo import train_grpo
-    from mtr_jax.train.sft import train_sft, traces_to_examples
-
-    t_start = time.perf_counter()
-    os.makedirs(out_dir, exist_ok=True)
-    w = demo.world
-    world = make_world(seed=w.seed, n_people=w.n_people, n_cities=w.n_cities, n_films=w.n_films,
-                       n_companies=w.n_companies)
-    train_q, held_q = split_world(world, n_train=w.n_train, n_heldout=w.n_heldout, seed=w.seed, kinds=w.kinds or None)
-    log(f"[1/6] world: {len(train_q)} training questions, {len(held_q)} held-out questions (unseen entities)")
 
     toolmaker = ToolMaker(backend="template")
     cfg.tools.cache = os.path.join(out_dir, "tool_cache.sqlite")
@@ -141,88 +134,78 @@ def run_demo(demo: DemoConfig, cfg: Config, out_dir: str, progress: bool = True,
     with open(os.path.join(out_dir, "traces.jsonl"), "w") as f:
         for t in traces:
             f.write(json.dumps(t, ensure_ascii=False) + "\n")
-    log(f"[2/6] AutoAgent (oracle) + ToolActor (corpus): kept {len(traces)} traces, rejected {sum(rejected.values())} {rejected or ''}")
+    return toolmaker, actor, agent, traces, rejected
 
-    tok = sibling_tokenizer(w, toolmaker, agent)
-    tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
-    model_cfg = qwen2.Qwen2Config(vocab_size=_round_up(len(tok), 64), eos_token_id=tok.eos_token_id,
-                                  dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, **demo.arch)
-    params = qwen2.init_params(model_cfg, jax.random.PRNGKey(cfg.run.seed))
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-    examples, dropped = traces_to_examples(tok, traces, cfg.sft.seq_len)
-    lens = [len(e[0]) for e in examples]
-    log(f"[3/6] tokenizer: {len(tok)} tokens; model: Qwen2 {n_params / 1e6:.2f}M params; "
-        f"traces: {len(examples)} ({dropped} too long), mean {np.mean(lens):.0f} tokens")
 
-    results = {}
+def question_kind(question: str) -> str:
+    from mtr_jax.data.synthetic import KINDS
 
-    def evaluate(stage, p):
-        rows = _eval(cfg, model_cfg, p, tok, held_q, toolmaker, actor)
-        from mtr_jax.eval import summarize
+    for kind, (_, template) in KINDS.items():
+        if question.startswith(template.split("{", 1)[0]):
+            return kind
+    return "other"
 
-        results[stage] = {k: v for k, v in summarize(rows).items() if k in ("em", "f1", "n", "avg_tool_calls")}
-        with open(os.path.join(out_dir, f"eval_{stage}.jsonl"), "w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        log(f"      {stage:<10} EM {results[stage]['em']:.3f}  F1 {results[stage]['f1']:.3f}  (n={len(rows)})")
-        return rows
 
-    evaluate("untrained", params)
-    log(f"[4/6] SFT: {cfg.sft.steps} steps x {cfg.sft.batch_size} rows x {cfg.sft.seq_len} tokens")
-    params, _ = train_sft(cfg, model_cfg, params, examples, os.path.join(out_dir, "sft"), progress=progress)
-    evaluate("sft", params)
-    g = cfg.grpo
-    log(f"[5/6] GRPO: {g.steps} steps x {g.batch_size} questions x {g.group_size} rollouts")
-    params = train_grpo(cfg, model_cfg, params, tok, train_q, actor, toolmaker, os.path.join(out_dir, "grpo"),
-                        progress=progress)
-    rows = evaluate("grpo", params)
+def bootstrap_interval(x: np.ndarray, level: float = 0.9, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap of the mean over questions (x: one value per question; a paired
+    difference when x = a - b on the same questions)."""
+    x = np.asarray(x, np.float64)
+    if len(x) == 0:
+        return (0.0, 0.0)
+    idx = np.random.default_rng(seed).integers(0, len(x), (reps, len(x)))
+    means = x[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
 
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    _curves(out_dir)
-    from mtr_jax.model.hf_io import export_hf
 
-    hf_dir = os.path.join(out_dir, "hf")
-    export_hf(params, model_cfg, hf_dir, tokenizer=tok)
-    log(f"[6/6] exported to {hf_dir}")
-    _show_with_transformers(hf_dir, rows, log)
+def stage_summary(rows: list[dict], seconds: float) -> dict:
+    from mtr_jax.eval import summarize
+
+    s = summarize(rows)
+    em = np.array([r["em"] for r in rows], np.float64)
+    fails = [r["end_reason"] != "answer" or r.get("format_errors", 0) > 0 for r in rows]
+    lo, hi = bootstrap_interval(em)
+    kinds: dict[str, list] = {}
+    for r in rows:
+        kinds.setdefault(question_kind(r["question"]), []).append(r["em"])
+    return {"em": s["em"], "f1": s["f1"], "n": s["n"], "em_ci90": [lo, hi], "avg_tool_calls": s["avg_tool_calls"],
+            "format_failure_rate": float(np.mean(fails)) if fails else 0.0, "seconds": round(seconds, 1),
+            "em_by_kind": {k: float(np.mean(v)) for k, v in sorted(kinds.items())}}
+
+
+def print_tables(results: dict, log) -> None:
     log("")
-    log(f"{'stage':<12}{'EM':>8}{'F1':>8}{'n':>6}")
+    log(f"{'stage':<12}{'EM':>7}{'90% CI':>16}{'F1':>7}{'calls/ep':>10}{'format fail':>13}{'time s':>8}{'n':>5}")
     for stage, r in results.items():
-        log(f"{stage:<12}{r['em']:>8.3f}{r['f1']:>8.3f}{r['n']:>6d}")
-    log(f"done in {time.perf_counter() - t_start:.0f}s; results.json, curves.png and traces in {out_dir}")
-    return results
+        if not isinstance(r, dict) or "em" not in r:
+            continue
+        ci = r.get("em_ci90", [r["em"], r["em"]])
+        log(f"{stage:<12}{r['em']:>7.3f}{f'[{ci[0]:.2f}, {ci[1]:.2f}]':>16}{r['f1']:>7.3f}"
+            f"{r.get('avg_tool_calls', 0.0):>10.2f}{r.get('format_failure_rate', 0.0):>13.2f}{r.get('seconds', 0.0):>8.0f}{r['n']:>5d}")
+    kinds = sorted({k for r in results.values() if isinstance(r, dict) for k in r.get("em_by_kind", {})})
+    if kinds:
+        log("")
+        log("EM by question kind:")
+        log(f"{'kind':<28}" + "".join(f"{s:>11}" for s in results if "em" in results[s]))
+        for k in kinds:
+            log(f"{k:<28}" + "".join(f"{results[s].get('em_by_kind', {}).get(k, float('nan')):>11.3f}"
+                                     for s in results if "em" in results[s]))
 
 
-def sibling_tokenizer(w: WorldConfig, toolmaker, agent, n_worlds: int = 4):
-    """A byte-level BPE (Qwen2.5 special tokens and chat template) trained on the text of SIBLING
-    worlds from the same generator: their pages, questions and rendered oracle traces. So no
-    entity of the demo world, trained on or held out, is a whole token: every name is spelled in
-    the same syllable pieces, and copying a name the model has never seen is learnable (a held-out
-    name that were one token of its own would have an embedding no gradient ever trained)."""
-    from mtr_jax.data.demo_tokenizer import train_demo_tokenizer
-    from mtr_jax.data.synthetic import make_world, split_world
-    from mtr_jax.traces.render import render_text
-
-    texts, traces = [], []
-    for i in range(n_worlds):
-        sib = make_world(seed=w.seed + 1000 + i, n_people=w.n_people, n_cities=w.n_cities, n_films=w.n_films,
-                         n_companies=w.n_companies)
-        texts += sib.texts()
-        qs, _ = split_world(sib, n_train=50, n_heldout=10, seed=w.seed + i, kinds=w.kinds or None)
-        traces += [t for t in (agent.make_trace(r, toolmaker.make(r))[0] for r in qs) if t is not None]
-    boot = train_demo_tokenizer(texts, vocab_size=w.vocab_size)
-    return train_demo_tokenizer(texts + [render_text(boot, t) for t in traces], vocab_size=w.vocab_size)
+def write_eval(out_dir: str, stage: str, rows: list[dict]) -> None:
+    with open(os.path.join(out_dir, f"eval_{stage}.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _eval(cfg, model_cfg, params, tok, records, toolmaker, actor):
+def eval_rows(cfg, model_cfg, params, tok, records, toolmaker, actor):
     from mtr_jax.eval import evaluate_records
     from mtr_jax.rollout.episodes import run_episodes
     from mtr_jax.sampling import Sampler, SamplingParams
 
     e = cfg.eval
-    sampler = Sampler(model_cfg, cache_len=e.max_len, eos_ids=[tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id],
-                      pad_id=tok.pad_token_id)
+    eos = [t for t in (tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id) if t is not None]
+    sampler = Sampler(model_cfg, cache_len=e.max_len, eos_ids=eos, pad_id=tok.pad_token_id or 0)
 
     def rollout(recs):
         return run_episodes(sampler, params, tok, recs, [toolmaker.make(r) for r in recs], actor, group_size=1,
@@ -232,7 +215,7 @@ def _eval(cfg, model_cfg, params, tok, records, toolmaker, actor):
     return evaluate_records(rollout, records, e.batch_size, None, progress=False)
 
 
-def _curves(out_dir: str) -> None:
+def curves(out_dir: str) -> None:
     """One PNG with the SFT loss and the GRPO reward/EM curves."""
     import matplotlib
 
@@ -248,10 +231,10 @@ def _curves(out_dir: str) -> None:
     sft = read(os.path.join(out_dir, "sft", "metrics.jsonl"))
     grpo = read(os.path.join(out_dir, "grpo", "metrics.jsonl"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    axes[0].plot([m["step"] for m in sft], [m["loss"] for m in sft])
+    axes[0].plot([m["step"] for m in sft], [m["loss"] for m in sft], marker="o")
     axes[0].set(title="SFT loss (assistant tokens)", xlabel="step", yscale="log")
     for key in ("reward", "em"):
-        axes[1].plot([m["step"] for m in grpo], [m.get(key) for m in grpo], label=key)
+        axes[1].plot([m["step"] for m in grpo], [m.get(key) for m in grpo], label=key, marker="o")
     axes[1].set(title="GRPO rollouts", xlabel="step")
     axes[1].legend()
     fig.tight_layout()
@@ -259,30 +242,147 @@ def _curves(out_dir: str) -> None:
     plt.close(fig)
 
 
-def _show_with_transformers(hf_dir, rows, log) -> None:
-    """Where torch is installed, reload the export with transformers and answer one question."""
+def answer_with_transformers(hf_dir, record, tools, actor, log, max_turns: int = 4, max_new_tokens: int = 48) -> None:
+    """Reload the export with transformers and run one held-out question end to end: its
+    generations, our ToolActor answering the calls it makes."""
     try:
-        import torch  # noqa: F401
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         log("      (install torch to see the export answer a question with transformers)")
         return
-    from mtr_jax.traces.render import render_prompt_ids
+    from mtr_jax.traces import parse as trace_parse
+    from mtr_jax.traces import render as trace_render
 
-    row = rows[0]
-    tr = row["trace"]
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its weight-loading bar is noise in a demo log
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir)
-    ids = render_prompt_ids(tok, tr["messages"][:2], tr["tools"])
-    out = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
-                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
-    text = tok.decode(out[0, len(ids):], skip_special_tokens=False)
-    log(f"      transformers reloaded the export; Q: {row['question']}")
-    log(f"      first turn: {text.strip()[:200]}")
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    msgs = [{"role": "system", "content": trace_render.SYSTEM_PROMPT}, {"role": "user", "content": record.question}]
+    ids = trace_render.render_prompt_ids(tok, msgs, tools)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    log(f"      transformers reloaded the export; Q: {record.question}  (gold: {record.golds[0]})")
+    for _ in range(max_turns):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=end, pad_token_id=tok.pad_token_id)
+        new = out[0, len(ids):].tolist()
+        text = tok.decode(new, skip_special_tokens=False)
+        log("        > " + text.replace("<|im_end|>", "").strip().replace("\n", " ")[:220])
+        ids = ids + new
+        parsed = trace_parse.parse_turn(text)
+        if parsed.kind != "tool_call":
+            break
+        obs = [trace_render.observation_text(o.content) for o in
+               actor.observe_batch([(c, tools, record) for c in parsed.calls])]
+        log("        < " + " ".join(obs).replace("\n", " ")[:220])
+        ids = ids + trace_render.tool_turn_ids(tok, obs)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+# ---------------------------------------------------------------------------------------------
+# The real-model demo.
+
+def run_demo(demo: RealDemoConfig, cfg: Config, out_dir: str, progress: bool = True, log=print) -> dict:
+    from transformers import AutoTokenizer
+
+    from mtr_jax.model import lora
+    from mtr_jax.model.hf_io import export_hf, load_hf_params
+    from mtr_jax.model.sources import tokenizer_dir
+    from mtr_jax.train.grpo import train_grpo
+    from mtr_jax.train.sft import train_sft, traces_to_examples
+
+    t_start = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    train_q, held_q = build_world(demo.world)
+    log(f"[1/7] world: {len(train_q)} training questions, {len(held_q)} held-out questions (unseen entities)")
+    toolmaker, actor, _, traces, rejected = make_traces(cfg, train_q, out_dir)
+    log(f"[2/7] ToolMaker (template) + AutoAgent (oracle) + ToolActor (corpus): kept {len(traces)} traces, "
+        f"rejected {sum(rejected.values())} {rejected or ''}")
+
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(demo.model))
+    params, model_cfg = load_hf_params(demo.model, dtype=cfg.lora.base_dtype if cfg.lora.enabled else cfg.model.param_dtype)
+    model_cfg = model_cfg.replace(dtype=cfg.model.dtype)
+    if cfg.lora.enabled:  # the adapters' scale alpha / r, wherever params carry them
+        model_cfg = model_cfg.replace(lora_alpha=float(cfg.lora.alpha))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    examples, dropped = traces_to_examples(tok, traces, cfg.sft.seq_len)
+    lens = [len(e[0]) for e in examples]
+    log(f"[3/7] model: {demo.model} ({n_params / 1e6:.0f}M params, {cfg.model.dtype} compute) loaded in "
+        f"{time.perf_counter() - t0:.0f}s; traces: {len(examples)} ({dropped} longer than {cfg.sft.seq_len}), "
+        f"mean {np.mean(lens):.0f} tokens")
+    token_ids = lora.resolve_tokens(cfg.lora, tok) if cfg.lora.enabled else ()
+
+    results: dict = {}
+    timings: dict = {}
+
+    def evaluate(stage, p, n):
+        t = time.perf_counter()
+        rows = eval_rows(cfg, model_cfg, p, tok, held_q, toolmaker, actor)
+        results[stage] = stage_summary(rows, time.perf_counter() - t)
+        write_eval(out_dir, stage, rows)
+        r = results[stage]
+        log(f"[{n}/7] eval {stage:<9} EM {r['em']:.3f} [{r['em_ci90'][0]:.2f}, {r['em_ci90'][1]:.2f}]  F1 {r['f1']:.3f}  "
+            f"calls/ep {r['avg_tool_calls']:.2f}  format fail {r['format_failure_rate']:.2f}  ({r['seconds']:.0f}s, n={len(rows)}, "
+            f"peak RSS so far {peak_rss_gb():.1f} GB)")
+        return rows
+
+    evaluate("untrained", params, 3)
+    s = cfg.sft
+    log(f"[4/7] SFT ({'LoRA r=%d' % cfg.lora.rank if cfg.lora.enabled else 'full'}): {s.steps} steps x "
+        f"{s.batch_size} rows x {s.seq_len} tokens")
+    t = time.perf_counter()
+    params, _ = train_sft(cfg, model_cfg, params, examples, os.path.join(out_dir, "sft"), progress=progress,
+                          token_ids=token_ids)
+    timings["sft_s"] = round(time.perf_counter() - t, 1)
+    sft_rows = evaluate("sft", params, 4)
+    g = cfg.grpo
+    log(f"[5/7] GRPO: {g.steps} steps x {g.batch_size} questions x {g.group_size} rollouts")
+    t = time.perf_counter()
+    params = train_grpo(cfg, model_cfg, params, tok, train_q, actor, toolmaker, os.path.join(out_dir, "grpo"),
+                        progress=progress)
+    timings["grpo_s"] = round(time.perf_counter() - t, 1)
+    grpo_rows = evaluate("grpo", params, 5)
+
+    by_id = {r["id"]: r["em"] for r in sft_rows}
+    diff = np.array([r["em"] - by_id[r["id"]] for r in grpo_rows if r["id"] in by_id])
+    lo, hi = bootstrap_interval(diff)
+    paired = {"grpo_minus_sft_em": float(diff.mean()) if len(diff) else 0.0, "ci90": [lo, hi], "n": int(len(diff))}
+    curves(out_dir)
+    hf_dir = os.path.join(out_dir, "hf")
+    t = time.perf_counter()
+    export_hf(params, model_cfg, hf_dir, tokenizer=tok, dtype="bfloat16")
+    log(f"[6/7] merged LoRA model exported to {hf_dir} ({time.perf_counter() - t:.0f}s)")
+    rec = held_q[0]
+    answer_with_transformers(hf_dir, rec, toolmaker.make(rec), actor, log, max_turns=cfg.eval.max_turns,
+                             max_new_tokens=cfg.eval.max_new_tokens)
+    total = time.perf_counter() - t_start
+    meta = {"model": demo.model, "seed": cfg.run.seed, "world_seed": demo.world.seed, "total_s": round(total, 1),
+            "peak_rss_gb": round(peak_rss_gb(), 2), "traces": len(examples), **timings, "grpo_vs_sft": paired}
+    with open(os.path.join(out_dir, "results.json"), "w") as f:  # the checked contract: one entry per stage
+        json.dump(results, f, indent=2)
+    with open(os.path.join(out_dir, "run.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    print_tables(results, log)
+    log(f"GRPO - SFT EM: {paired['grpo_minus_sft_em']:+.3f}, paired 90% CI [{lo:+.3f}, {hi:+.3f}] (n={paired['n']})")
+    log(f"[7/7] done in {total:.0f}s, peak RSS {meta['peak_rss_gb']:.1f} GB; results.json, curves.png, traces.jsonl "
+        f"and eval_*.jsonl in {out_dir}")
+    return results
 
 
 def cli(args) -> int:
-    demo, cfg = load_demo_config(args.config, args.overrides, args.small, args.out)
+    if getattr(args, "tiny", False):
+        from mtr_jax import demo_tiny
+
+        if getattr(args, "model", None):
+            raise MtrError("--model and --tiny exclude each other (--tiny trains its own tiny model from scratch)")
+        return demo_tiny.cli(args)
+    demo, cfg = load_real_config(args.config, args.overrides, args.small, args.out, getattr(args, "model", None))
     results = run_demo(demo, cfg, args.out)
     if not results:
         raise MtrError("demo produced no results")

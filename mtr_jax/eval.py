@@ -25,7 +25,8 @@ def score_episode(e) -> dict:
         "id": e.record.id, "dataset": e.record.dataset, "question": e.record.question, "golds": e.record.golds,
         "prediction": pred, "em": exact_match(pred, e.record.golds), "f1": f1(pred, e.record.golds),
         "turns": e.counters["turns"], "tool_calls": e.counters["tool_calls"],
-        "invalid_calls": e.counters["invalid_calls"], "end_reason": e.end_reason, "trace": e.trace(),
+        "invalid_calls": e.counters["invalid_calls"], "format_errors": e.counters.get("format_errors", 0),
+        "end_reason": e.end_reason, "trace": e.trace(),
     }
 
 

@@ -10,7 +10,7 @@ from util import REPO
 
 def test_demo_small_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "mtr_jax.cli", "demo", "--small", "--out", str(out)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "mtr_jax.cli", "demo", "--tiny", "--small", "--out", str(out)], cwd=REPO,
                        capture_output=True, text=True, timeout=1200, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
@@ -35,7 +35,7 @@ def test_demo_small_end_to_end(tmp_path):
 def test_demo_arch_override_changes_one_field():
     """`arch.hidden_size=256` keeps every other arch default (it used to replace the whole dict, so
     the demo silently built Qwen2Config's 24-layer default shape)."""
-    from mtr_jax.demo import DemoConfig, load_demo_config
+    from mtr_jax.demo_tiny import DemoConfig, load_demo_config
 
     demo, _ = load_demo_config(None, ["arch.hidden_size=256"], False, "/tmp/unused")
     assert demo.arch == {**DemoConfig().arch, "hidden_size": 256}
@@ -47,14 +47,14 @@ def test_demo_arch_override_changes_one_field():
 def test_demo_bad_arch_is_a_one_line_error_exit_2(tmp_path):
     import pytest
 
-    from mtr_jax.demo import load_demo_config
+    from mtr_jax.demo_tiny import load_demo_config
     from mtr_jax.errors import MtrError
 
     for bad, says in ((["arch.bogus=1"], "arch.bogus"), (["arch.hidden_size=abc"], "arch.hidden_size"),
                       (["arch.num_attention_heads=3"], "num_key_value_heads"), (["arch.vocab_size=64"], "arch.vocab_size")):
         with pytest.raises(MtrError, match=says):
             load_demo_config(None, bad, False, str(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "mtr_jax.cli", "demo", "--out", str(tmp_path / "d"), "arch.bogus=1"], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "mtr_jax.cli", "demo", "--tiny", "--out", str(tmp_path / "d"), "arch.bogus=1"], cwd=REPO,
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 2 and "arch.bogus" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "d").exists()  # rejected before any work
