@@ -110,6 +110,9 @@ class SFTConfig:
     seq_len: int = 512
     grad_accum: int = 1
     epochs: int = 0  # 0 = run `steps`
+    # one trace per row, each micro-batch's common prefix (system prompt + tool schemas) run once
+    # instead of packing: for traces that share their prompt, ~2x fewer tokens per step
+    share_prefix: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 

@@ -59,14 +59,15 @@ class RealDemoConfig:
     config: dict = field(default_factory=dict)  # a standard Config (model/lora/sft/grpo/eval/run sections)
 
 
-# Why these numbers (2-core CPU): an SFT step of 4 x 768 tokens costs ~60 s at 0.5B, so SFT gets
-# 8 steps (32 traces; the loss is flat after ~6); GRPO gets 3 steps of 4 questions x 4 rollouts;
+# Why these numbers (2-core CPU): an SFT step of 4 traces costs ~60 s at 0.5B as packed rows and
+# about half with the shared system prompt + tool schemas run once (`sft.share_prefix`), so SFT
+# gets 8 steps (32 traces; the loss is flat after ~6); GRPO gets 3 steps of 4 questions x 4 rollouts;
 # every eval is 100 held-out questions, greedy, batched 50 at a time with the prompt prefix shared.
 REAL_DEFAULTS = {
-    "model": {"dtype": "bfloat16"},
+    "model": {"dtype": "bfloat16", "remat": True, "scan_layers": True},  # remat: 4 x 768 without it is > 24 GB
     "lora": {"enabled": True, "rank": 16, "alpha": 32.0, "base_dtype": "bfloat16",
              "trainable_tokens": ["<tool_call>", "</tool_call>"]},
-    "sft": {"steps": 8, "batch_size": 4, "seq_len": 768, "grad_accum": 1,
+    "sft": {"steps": 8, "batch_size": 4, "seq_len": 768, "grad_accum": 1, "share_prefix": True,
             "optim": {"lr": 1e-3, "warmup_steps": 2, "weight_decay": 0.0, "schedule": "cosine"}},
     "grpo": {"steps": 3, "batch_size": 4, "group_size": 4, "max_turns": 4, "max_new_tokens": 48, "max_len": 1024,
              "temperature": 1.0, "beta": 0.0, "optim": {"lr": 1e-4, "warmup_steps": 0, "schedule": "constant"}},
@@ -307,7 +308,8 @@ def run_demo(demo: RealDemoConfig, cfg: Config, out_dir: str, progress: bool = T
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(tokenizer_dir(demo.model))
     params, model_cfg = load_hf_params(demo.model, dtype=cfg.lora.base_dtype if cfg.lora.enabled else cfg.model.param_dtype)
-    model_cfg = model_cfg.replace(dtype=cfg.model.dtype)
+    m = cfg.model
+    model_cfg = model_cfg.replace(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
     if cfg.lora.enabled:  # the adapters' scale alpha / r, wherever params carry them
         model_cfg = model_cfg.replace(lora_alpha=float(cfg.lora.alpha))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
@@ -383,6 +385,9 @@ def cli(args) -> int:
             raise MtrError("--model and --tiny exclude each other (--tiny trains its own tiny model from scratch)")
         return demo_tiny.cli(args)
     demo, cfg = load_real_config(args.config, args.overrides, args.small, args.out, getattr(args, "model", None))
+    from mtr_jax.model import sources
+
+    sources.resolve(demo.model)  # a model that is not there is one line before any work
     results = run_demo(demo, cfg, args.out)
     if not results:
         raise MtrError("demo produced no results")

@@ -154,6 +154,7 @@ def test_fuzz_parse_validate_actor():
     actor = ToolActor("corpus", top_k=2)
     outcomes: Counter = Counter()
     n = 0
+    internal = 0  # crashes caught by the actor's last line of defence: must be none
     t0 = time.perf_counter()
     for kind in KINDS:
         for _ in range(N_PER_KIND):
@@ -175,9 +176,11 @@ def test_fuzz_parse_validate_actor():
                     assert validate_observation(None, o.content) == [] or DEFS.get(c["name"]) is not None
                     assert set(o.content) == {"error"} and set(o.content["error"]) == {"code", "message"}
             outcomes["actor:" + bad[0].error] += 1
+            internal += sum(1 for o in observations if not o.ok and o.error == "internal_error")
     elapsed = time.perf_counter() - t0
     assert n >= 10_000
     assert sum(outcomes.values()) == n
+    assert internal == 0, f"{internal} observations were crashes turned into internal_error"
     assert elapsed < 30, elapsed
     # every family of failure was exercised
     for code in ("parse:bad_encoding", "parse:bad_json", "parse:nested_tags", "parse:unbalanced_tags",

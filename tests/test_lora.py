@@ -296,3 +296,40 @@ def test_trainable_token_rows_train_reload_and_export(tmp_path):
                         "--out", str(tmp_path / "ad"), "--adapter-only"], capture_output=True, text=True,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO)
     assert r.returncode == 2 and "trainable_tokens" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_lora_sft_loss_falls_on_32_fixture_traces(tmp_path):
+    """LoRA SFT on oracle traces of the real dataset fixtures (HotpotQA, MuSiQue, 2Wiki), rendered by
+    the real Qwen2.5 tokenizer and chat template (vocab 151936), on a small random Qwen2."""
+    from qwen_tokenizer import qwen25_tokenizer
+
+    from mtr_jax.config import ToolsConfig
+    from mtr_jax.data.loaders import load_records
+    from mtr_jax.tools.autoagent import AutoAgent
+    from mtr_jax.tools.toolactor import ToolActor
+    from mtr_jax.tools.toolmaker import ToolMaker
+    from mtr_jax.train.sft import traces_to_examples, train_sft
+    from util import REPO as _R
+
+    fx = _R / "tests" / "fixtures"
+    recs = (load_records("hotpotqa", str(fx / "hotpotqa_dev_original_20.jsonl"))
+            + load_records("musique", str(fx / "musique_dev_6.jsonl")) + load_records("2wikimultihopqa", str(fx / "2wiki_dev_6.jsonl")))
+    agent = AutoAgent("oracle", actor=ToolActor.from_config(ToolsConfig(), None))
+    tm = ToolMaker("template")
+    traces = [t for t in (agent.make_trace(r, tm.make(r))[0] for r in recs) if t is not None]
+    assert len(traces) >= 28, len(traces)
+    tok = qwen25_tokenizer()
+    examples, _ = traces_to_examples(tok, traces, 2048)
+    mc = qwen2.Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True)
+    params = qwen2.init_params(mc, jax.random.PRNGKey(0), std=0.02)
+    cfg = load_config(None, ["sft.steps=12", "sft.batch_size=4", "sft.seq_len=2048", "sft.optim.lr=1e-2",
+                             "sft.optim.warmup_steps=0", "run.checkpoint_every=100", "run.log_every=1", "lora.enabled=true",
+                             "lora.rank=8", "lora.alpha=16", "lora.base_dtype=float32",
+                             "lora.trainable_tokens=[<tool_call>,</tool_call>]", f"run.out_dir={tmp_path}"])
+    ids = lora.resolve_tokens(cfg.lora, tok)
+    assert ids == (151657, 151658)
+    train_sft(cfg, mc, params, examples, str(tmp_path), progress=False, token_ids=ids)
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
+    assert last < first - 0.5, (first, last)

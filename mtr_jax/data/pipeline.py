@@ -175,3 +175,66 @@ def question_batches(
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)
     i, n = _shard(shard_index, shard_count)
     return ResumableIterator(ds, PipelineStats(examples=len(range(i, len(records), n))))
+
+
+def _bucket(n: int, lo: int = 64) -> int:
+    return max(1 << (max(n, 1) - 1).bit_length(), lo)
+
+
+def shared_prefix_layout(rows: list[tuple[np.ndarray, np.ndarray]], groups: int, pad_id: int = 0) -> dict:
+    """`rows` (ids, loss_mask) in `groups` equal groups -> completion coordinates: each group's
+    longest common prefix that carries no label (its system prompt and tool schemas, in MTR
+    traces) as prompts [groups, P] / prompt_lens [groups], every row's remainder as completions
+    [rows, C] with its loss mask. P is a multiple of 128, C a power of two >= 64: few shapes."""
+    per = len(rows) // groups
+    lens, spans = [], []
+    for g in range(groups):
+        grp = rows[g * per:(g + 1) * per]
+        first = grp[0][0]
+        p = min(len(ids) for ids, _ in grp) - 1  # every row keeps at least one completion token
+        for ids, _ in grp[1:]:
+            neq = np.nonzero(ids[:p] != first[:p])[0]
+            p = min(p, int(neq[0]) if len(neq) else p)
+        for _, m in grp:  # the prefix holds no label (a label inside it would be a prompt token)
+            lab = np.nonzero(m[:p])[0]
+            p = min(p, int(lab[0]) if len(lab) else p)
+        p = max(p, 1)
+        lens.append(p)
+        spans += [(ids[p:], m[p:]) for ids, m in grp]
+    P = max(-(-max(lens) // 128) * 128, 128)
+    C = _bucket(max(len(c) for c, _ in spans))
+    prompts = np.full((groups, P), pad_id, np.int32)
+    comp = np.full((len(rows), C), pad_id, np.int32)
+    mask = np.zeros((len(rows), C), np.int32)
+    for g in range(groups):
+        prompts[g, :lens[g]] = rows[g * per][0][:lens[g]]
+    for r, (c, m) in enumerate(spans):
+        comp[r, :len(c)], mask[r, :len(c)] = c, m
+    return {"prompts": prompts, "prompt_lens": np.asarray(lens, np.int32), "completions": comp, "mask": mask,
+            "real_tokens": np.asarray(sum(lens) + sum(len(c) for c, _ in spans), np.int64)}
+
+
+def shared_prefix_batches(examples: Sequence, batch_size: int, groups: int = 1, seed: int = 0,
+                          shard_index: int | None = None, shard_count: int | None = None, pad_id: int = 0,
+                          shuffle: bool = True) -> ResumableIterator:
+    """SFT batches in completion coordinates (`shared_prefix_layout`): `batch_size` examples a
+    step, in `groups` groups (one per micro-batch) that each run their common prefix once. The
+    same shuffle, sharding and resumable state as `sft_batches`; examples are never packed."""
+    if batch_size < 1 or groups < 1 or batch_size % groups:
+        raise MtrError(f"batch_size={batch_size} must be a positive multiple of groups={groups}")
+    i, n = _shard(shard_index, shard_count)
+    stats = PipelineStats()
+    kept = []
+    for k in range(i, len(examples), n):
+        ids, mask = _as_example(k, examples[k])
+        stats.examples += 1
+        if len(ids) < 2 or not mask.any():
+            stats.dropped += 1
+            continue
+        kept.append((ids, mask))
+    if not kept:
+        raise MtrError(f"no SFT example left in data shard {i} of {n}")
+    ds = _shuffled(list(range(len(kept))), seed, 0, 1, 0, shuffle).to_iter_dataset()
+    ds = ds.batch(batch_size, drop_remainder=True,
+                  batch_fn=lambda idx: shared_prefix_layout([kept[j] for j in idx], groups, pad_id))
+    return ResumableIterator(ds, stats)

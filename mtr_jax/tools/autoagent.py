@@ -275,23 +275,6 @@ def _teacher_prompt(messages: list[dict], tools: list[dict]) -> str:
 # CLI.
 
 
-def _read_tools_file(path: str) -> dict[str, list[dict]]:
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise MtrError(f"data.tools: file not found: {p} (run `mtr make-tools` first, or leave it empty)")
-    out = {}
-    with open(p, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                out[f"{d['dataset']}/{d['id']}"] = d["tools"]
-            except (ValueError, KeyError, TypeError):
-                raise MtrError(f"{p} line {i}: expected {{\"id\", \"dataset\", \"tools\"}} (make-tools output)") from None
-    return out
-
-
 def cli(args) -> int:
     from mtr_jax.tools.toolactor import HttpChat
     from mtr_jax.tools.toolmaker import ToolMaker, load_dataset_records
@@ -301,8 +284,9 @@ def cli(args) -> int:
     out_dir = pathlib.Path(cfg.run.out_dir)
     out = pathlib.Path(args.out or cfg.data.traces or out_dir / "traces.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tool_sets = _read_tools_file(cfg.data.tools) if cfg.data.tools else {}
-    maker = ToolMaker("template")
+    from mtr_jax.train.setup import make_toolmaker
+
+    maker = make_toolmaker(cfg, fallback="template")
     actor = ToolActor.from_config(cfg.tools, cache_path=cfg.tools.cache or out_dir / "tool_cache.sqlite", seed=cfg.run.seed)
     complete = HttpChat.from_config(cfg.tools).complete if cfg.tools.autoagent == "llm" else None
     agent = AutoAgent(cfg.tools.autoagent, actor, complete=complete, keep_metric=cfg.tools.keep_metric,
@@ -311,7 +295,7 @@ def cli(args) -> int:
     kept = 0
     with open(out, "w", encoding="utf-8") as f:
         for r in records:
-            tools = tool_sets.get(f"{r.dataset}/{r.id}") or maker.make(r)
+            tools = maker.make(r)
             trace, reason = agent.make_trace(r, tools)
             if trace is None:
                 reasons[reason] += 1

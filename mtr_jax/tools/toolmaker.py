@@ -272,6 +272,42 @@ class ToolMaker:
 # CLI.
 
 
+def read_tools_file(path) -> dict[str, list[dict]]:
+    """make-tools output -> {"<dataset>/<id>": tools}."""
+    import pathlib
+
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise MtrError(f"data.tools: file not found: {p} (run `mtr make-tools` first, or leave it empty)")
+    out = {}
+    with open(p, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                out[f"{d['dataset']}/{d['id']}"] = d["tools"]
+            except (ValueError, KeyError, TypeError):
+                raise MtrError(f"{p} line {i}: expected {{\"id\", \"dataset\", \"tools\"}} (make-tools output)") from None
+    return out
+
+
+class ToolSetMaker:
+    """The tools `mtr make-tools` wrote (`data.tools`), by record: what make-traces, GRPO rollouts
+    and eval offer when that file is given. A record the file lacks gets `fallback`'s tools and is
+    counted in `missing`."""
+
+    def __init__(self, path, fallback: "ToolMaker"):
+        self.path, self.sets, self.fallback, self.missing = str(path), read_tools_file(path), fallback, 0
+
+    def make(self, record: QARecord) -> list[dict]:
+        tools = self.sets.get(f"{record.dataset}/{record.id}")
+        if tools is None:
+            self.missing += 1
+            return self.fallback.make(record)
+        return tools
+
+
 def load_dataset_records(cfg, limit: int | None) -> list[QARecord]:
     """Records of every dataset in `cfg.data.datasets` through the loaders module."""
     from mtr_jax.data.loaders import load_records

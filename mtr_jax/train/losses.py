@@ -168,6 +168,18 @@ def sft_loss_num(params, cfg, batch):
     return -jnp.sum(logp * m), jnp.sum(m)
 
 
+def sft_shared_loss_num(params, cfg, batch):
+    """`sft_loss_num` in completion coordinates (each group's common prefix run once,
+    `data.pipeline.shared_prefix_layout`): mask [R, C] marks completion tokens that are labels."""
+    logp, _ = completion_logprobs(params, cfg, batch["prompts"], batch["prompt_lens"], batch["completions"])
+    m = batch["mask"].astype(jnp.float32)
+    return -jnp.sum(logp * m), jnp.sum(m)
+
+
+def sft_shared_denominator(batches):
+    return jnp.sum(batches["mask"].astype(jnp.float32))
+
+
 def sft_denominator(batches):
     """Label tokens of a whole step ([A, b, T] arrays), computed inside jit: the SFT loss is the
     mean over every assistant token of the step."""

@@ -77,7 +77,10 @@ def make_actor(cfg: Config, out_dir: str | None = None):
     return ToolActor.from_config(cfg.tools, cache)
 
 
-def make_toolmaker(cfg: Config):
-    from mtr_jax.tools.toolmaker import ToolMaker
+def make_toolmaker(cfg: Config, fallback: str | None = None):
+    """With `data.tools` set: the tools of that make-tools file, by record (every command that
+    offers tools uses the same ones); else the configured ToolMaker."""
+    from mtr_jax.tools.toolmaker import ToolMaker, ToolSetMaker
 
-    return ToolMaker(backend=cfg.tools.toolmaker)
+    base = ToolMaker(backend=fallback or cfg.tools.toolmaker)
+    return ToolSetMaker(cfg.data.tools, base) if cfg.data.tools else base

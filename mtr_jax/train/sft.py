@@ -106,13 +106,22 @@ def train_sft(
     tx, sched = make_optimizer(s.optim, s.steps)
     opt_state = jax.jit(tx.init)(params)
 
+    loss_fn = losses.sft_shared_loss_num if s.share_prefix else losses.sft_loss_num
+
     def loss_num(p, mb, *base):
-        num, den = losses.sft_loss_num(lora.with_adapters(base[0], p, token_ids) if base else p, model_cfg, mb)
+        num, den = loss_fn(lora.with_adapters(base[0], p, token_ids) if base else p, model_cfg, mb)
         return num, {"tokens": den}
 
-    step_fn = make_train_step(loss_num, losses.sft_denominator, tx)
-    it = sft_batches(examples, seq_len=s.seq_len, batch_size=s.batch_size, seed=cfg.run.seed,
-                     shard_index=jax.process_index(), shard_count=jax.process_count())
+    step_fn = make_train_step(loss_num, losses.sft_shared_denominator if s.share_prefix else losses.sft_denominator, tx)
+    if s.share_prefix:
+        from mtr_jax.data.pipeline import shared_prefix_batches
+
+        pad = 0
+        it = shared_prefix_batches(examples, s.batch_size, groups=s.grad_accum, seed=cfg.run.seed, pad_id=pad,
+                                   shard_index=jax.process_index(), shard_count=jax.process_count())
+    else:
+        it = sft_batches(examples, seq_len=s.seq_len, batch_size=s.batch_size, seed=cfg.run.seed,
+                         shard_index=jax.process_index(), shard_count=jax.process_count())
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.run.keep_checkpoints)
     start = 0
     if resume:
@@ -132,16 +141,21 @@ def train_sft(
     t_last = time.perf_counter()
     for step in range(start + 1, s.steps + 1):
         batch = next(it)
-        arrays = split_micro({k: batch[k] for k in ("tokens", "loss_mask", "segment_ids", "positions")}, s.grad_accum)
-        # the LM head and cross-entropy run only where a label is (15-30% of a trace's tokens)
-        arrays["label_idx"], arrays["label_w"] = losses.label_index(arrays["loss_mask"], arrays["segment_ids"])
+        if s.share_prefix:
+            real = int(batch["real_tokens"])
+            arrays = split_micro({k: batch[k] for k in ("prompts", "prompt_lens", "completions", "mask")}, s.grad_accum)
+        else:
+            real = int(np.sum(batch["segment_ids"] > 0))
+            arrays = split_micro({k: batch[k] for k in ("tokens", "loss_mask", "segment_ids", "positions")}, s.grad_accum)
+            # the LM head and cross-entropy run only where a label is (15-30% of a trace's tokens)
+            arrays["label_idx"], arrays["label_w"] = losses.label_index(arrays["loss_mask"], arrays["segment_ids"])
         mb = put_micro_batches(arrays, mesh)
         params, opt_state, m = step_fn(params, opt_state, mb, *frozen)
         if step % cfg.run.log_every == 0 or step == s.steps:
             m = jax.device_get(m)
             now = time.perf_counter()
             metrics = {"loss": m["loss"], "grad_norm": m["grad_norm"], "skipped": m["skipped"], "lr": float(sched(step - 1)),
-                       "tokens": m["tokens"], "tokens_per_s": float(np.sum(arrays["segment_ids"] > 0)) / max(now - t_last, 1e-9)}
+                       "tokens": m["tokens"], "tokens_per_s": real / max(now - t_last, 1e-9)}
             t_last = now
             logger.log(step, "sft", metrics)
             bar.set_postfix(loss=f"{float(m['loss']):.4f}")
