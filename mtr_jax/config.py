@@ -46,13 +46,14 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0  # scale = alpha / rank
     targets: list = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
-    dropout: float = 0.0  # only 0.0 is implemented (a non-zero value is refused)
+    dropout: float = 0.0  # on each adapter's input while training (as peft's lora_dropout); 0 = off
     base_dtype: str = "bfloat16"  # storage of the frozen base
     base_quant: str = "none"  # none | int8 (QLoRA: int8 base, one float32 scale per output column)
     # embedding / head rows that train too (peft's trainable_token_indices): the trace grammar's
     # tool tags, which some Qwen2.5 checkpoints (the Coder-0.5B-Instruct) never learned;
     # a PEFT adapter-only export cannot carry them (export the merged model)
     trainable_tokens: list = field(default_factory=list)  # e.g. ["<tool_call>", "</tool_call>"] (the demo does)
+    token_init: str = "base"  # base: start from the checkpoint's rows | pieces: the mean of the token text's pieces
 
 
 @dataclass

@@ -66,7 +66,7 @@ class RealDemoConfig:
 REAL_DEFAULTS = {
     "model": {"dtype": "bfloat16", "remat": True, "scan_layers": True},  # remat: 4 x 768 without it is > 24 GB
     "lora": {"enabled": True, "rank": 16, "alpha": 32.0, "base_dtype": "bfloat16",
-             "trainable_tokens": ["<tool_call>", "</tool_call>"]},
+             "trainable_tokens": ["<tool_call>", "</tool_call>"], "token_init": "pieces"},
     "sft": {"steps": 8, "batch_size": 4, "seq_len": 768, "grad_accum": 1, "share_prefix": True,
             "optim": {"lr": 1e-3, "warmup_steps": 2, "weight_decay": 0.0, "schedule": "cosine"}},
     "grpo": {"steps": 3, "batch_size": 4, "group_size": 4, "max_turns": 4, "max_new_tokens": 48, "max_len": 1024,
@@ -319,6 +319,8 @@ def run_demo(demo: RealDemoConfig, cfg: Config, out_dir: str, progress: bool = T
         f"{time.perf_counter() - t0:.0f}s; traces: {len(examples)} ({dropped} longer than {cfg.sft.seq_len}), "
         f"mean {np.mean(lens):.0f} tokens")
     token_ids = lora.resolve_tokens(cfg.lora, tok) if cfg.lora.enabled else ()
+    if token_ids and cfg.lora.token_init == "pieces":
+        params = lora.init_rows_from_pieces(params, tok, token_ids)
 
     results: dict = {}
     timings: dict = {}

@@ -209,6 +209,7 @@ def test_grpo_lora_reference_is_the_base_no_second_copy(tmp_path):
     ("lora.targets=[q,attn]", "unknown target 'attn'"),
     ("lora.rank=0", "lora.rank=0"),
     ("lora.base_quant=nf3", "base_quant"),
+    ("lora.dropout=1.0", "lora.dropout=1.0"),
 ])
 def test_bad_lora_settings_one_line_exit_2(tmp_path, override, needle):
     traces = tmp_path / "t.jsonl"
@@ -333,3 +334,59 @@ def test_lora_sft_loss_falls_on_32_fixture_traces(tmp_path):
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
     assert last < first - 0.5, (first, last)
+
+
+def test_lora_dropout_masks_adapter_input_only_in_training(tmp_path):
+    """lora.dropout: inference (no keys) is unaffected; with keys, the base path is untouched and the
+    adapter path sees inverted-dropout inputs (same key -> same output, other key -> other output);
+    an SFT run with dropout cut short and resumed ends bitwise equal to an uninterrupted run."""
+    from mtr_jax.train.sft import train_sft
+
+    mc = qwen2.Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, lora_dropout=0.5)
+    params = qwen2.init_params(mc, jax.random.PRNGKey(0), std=0.1)
+    ad = lora.init_adapters(mc, ["q_w", "down_w"], 4, jax.random.key(1))
+    ad["layers"] = {k: (v + 0.05 if k.endswith("_b") else v) for k, v in ad["layers"].items()}  # a non-zero delta
+    full = lora.with_adapters(params, ad)
+    toks = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 9)), jnp.int32)
+    plain = np.asarray(qwen2.forward(full, mc, toks))
+    np.testing.assert_array_equal(plain, np.asarray(qwen2.forward(full, mc.replace(lora_dropout=0.0), toks)))
+    k1, k2 = lora.dropout_key(0, 1, 0), lora.dropout_key(0, 2, 0)
+    a = np.asarray(qwen2.forward(lora.with_dropout(full, k1, 2), mc, toks))
+    b = np.asarray(qwen2.forward(lora.with_dropout(full, k1, 2), mc, toks))
+    c = np.asarray(qwen2.forward(lora.with_dropout(full, k2, 2), mc, toks))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-4 and np.abs(a - plain).max() > 1e-4
+    base_only = lora.with_dropout(params, k1, 2)  # no adapters: dropout has nothing to act on
+    np.testing.assert_array_equal(np.asarray(qwen2.forward(base_only, mc, toks)), np.asarray(qwen2.forward(params, mc, toks)))
+    # resume: masks are a function of (seed, step, micro-batch)
+    cfg, mc2, params2, examples = lora_setting(str(tmp_path / "a"), steps=6, extra=["lora.dropout=0.3"])
+    fresh = lambda: jax.tree_util.tree_map(jnp.copy, params2)
+    whole, _ = train_sft(cfg, mc2, fresh(), examples, str(tmp_path / "a"), progress=False)
+    cfg, *_ = lora_setting(str(tmp_path / "b"), steps=6, extra=["lora.dropout=0.3"])
+    train_sft(cfg, mc2, fresh(), examples, str(tmp_path / "b"), progress=False, stop_after=3)
+    resumed, _ = train_sft(cfg, mc2, fresh(), examples, str(tmp_path / "b"), progress=False, resume=True)
+    for x, y in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    cfg0, *_ = lora_setting(str(tmp_path / "c"), steps=6)
+    nodrop, _ = train_sft(cfg0, mc2, fresh(), examples, str(tmp_path / "c"), progress=False)
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(nodrop)))
+
+
+def test_token_rows_from_pieces_with_the_real_tokenizer():
+    """lora.token_init=pieces: `<tool_call>` / `</tool_call>` start as the mean of their text's
+    pieces (real Qwen2.5 tokenizer), so the two start apart; other rows untouched."""
+    from qwen_tokenizer import qwen25_tokenizer
+
+    tok = qwen25_tokenizer()
+    assert lora._pieces(tok, "<tool_call>") == [27, 14172, 13429, 29]
+    assert lora._pieces(tok, "</tool_call>") == [522, 14172, 13429, 29]
+    mc = qwen2.Qwen2Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    params = qwen2.init_params(mc, jax.random.PRNGKey(0))
+    out = lora.init_rows_from_pieces(params, tok, (151657, 151658))
+    E, H = np.asarray(out["embed"]), np.asarray(out["lm_head"])
+    np.testing.assert_allclose(E[151657], np.asarray(params["embed"])[[27, 14172, 13429, 29]].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(H[:, 151658], np.asarray(params["lm_head"])[:, [522, 14172, 13429, 29]].mean(1), rtol=1e-6)
+    assert np.array_equal(E[:151657], np.asarray(params["embed"])[:151657])

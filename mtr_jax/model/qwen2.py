@@ -65,6 +65,7 @@ class Qwen2Config:
     # triangle (a T=768 CPU train step ~1.5x faster); `mtr plan`'s activation model is fitted to dense
     attention_block: int = 0
     lora_alpha: float = 16.0  # LoRA scale alpha / r, applied where params hold adapters (model/lora.py)
+    lora_dropout: float = 0.0  # on the adapters' input, only where a training step supplies keys (lora.with_dropout)
 
     HF_FIELDS = (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -254,6 +255,10 @@ def _mm(x, w, cfg: Qwen2Config):
     return mp_einsum(f"{lead}e,ef->{lead}f", x, w, cfg.compute_dtype)
 
 
+DROPOUT_KEY = "lora@dropout_key"  # per-layer uint32 key data [L, 2] a training step adds to params["layers"]
+_PROJ_INDEX = {k: i for i, k in enumerate(("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w"))}
+
+
 def _proj(x, lw, key: str, cfg: Qwen2Config):
     """x @ lw[key] (float32 out), for a plain weight or an int8 QLoRA base ({"int8", "scale"}: one
     scale per output column, so the scale is applied after the int8 matmul), plus the LoRA update
@@ -265,6 +270,11 @@ def _proj(x, lw, key: str, cfg: Qwen2Config):
         out = _mm(x, w, cfg)
     a = lw.get(key + "@lora_a")
     if a is not None:
+        seed = lw.get(DROPOUT_KEY)  # training only: peft's lora_dropout, on the adapter path
+        if seed is not None and cfg.lora_dropout > 0.0:
+            k = jax.random.fold_in(jax.random.wrap_key_data(seed), _PROJ_INDEX[key])
+            keep = jax.random.bernoulli(k, 1.0 - cfg.lora_dropout, x.shape)
+            x = jnp.where(keep, x.astype(jnp.float32) / (1.0 - cfg.lora_dropout), 0.0).astype(x.dtype)
         xa = _mm(x, a, cfg).astype(cfg.compute_dtype)
         out = out + _mm(xa, lw[key + "@lora_b"], cfg) * (cfg.lora_alpha / a.shape[-1])
     return out

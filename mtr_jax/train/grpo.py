@@ -168,9 +168,18 @@ class GRPOTrainer:
         # mu = 1 and one minibatch: on-policy, no separate old-policy forward (as TRL and tunix do)
         self.on_policy = g.mu == 1 and g.minibatches == 1
         inner = make_grpo_loss(model_cfg, g, self.on_policy)
-        loss = (lambda p, mb, base: inner(lora.with_adapters(base, p, self.token_ids), mb)) if self.frozen else inner
+        self.dropout = cfg.lora.enabled and cfg.lora.dropout > 0
+        L = model_cfg.num_hidden_layers
+
+        def loss(p, mb, *base):
+            full = lora.with_adapters(base[0], p, self.token_ids) if base else p
+            if self.dropout:
+                full = lora.with_dropout(full, mb["dropout_key"], L)
+            return inner(full, mb)
+
         self.step_fn = make_train_step(loss, lambda b: losses.grpo_denominator_jnp(b, g.loss_agg), self.tx)
         self.tools_cache: dict[str, list] = {}
+        self._step_key = jax.random.PRNGKey(0)  # this step's rollout key (LoRA dropout masks derive from it)
 
     def policy(self):
         """The params the model runs: the trained ones, or base + adapters with LoRA."""
@@ -203,6 +212,7 @@ class GRPOTrainer:
 
     def step(self, recs, key):
         g = self.g
+        self._step_key = key
         t0 = time.perf_counter()
         eps = self.rollout(recs, key, g.group_size)
         scores = self.score(eps)
@@ -259,7 +269,10 @@ class GRPOTrainer:
                 sl = slice(j * per, (j + 1) * per)
                 gsl = slice(j * per // g.group_size, (j + 1) * per // g.group_size)
                 mb = {k: v[gsl] if k in ("prompts", "prompt_lens") else v[sl] for k, v in data.items()}
-                mb = put_micro_batches(split_micro(mb, 1), self.mesh)
+                mb = split_micro(mb, 1)
+                if self.dropout:  # from the step's (checkpointed) key: a resumed run draws the same masks
+                    mb["dropout_key"] = lora.dropout_key_from(self._step_key, count)[None]
+                mb = put_micro_batches(mb, self.mesh)
                 self.params, self.opt_state, met = self.step_fn(self.params, self.opt_state, mb, *self.frozen)
                 met = jax.device_get(met)
                 toks = max(float(met["tokens"]), 1.0)

@@ -108,8 +108,13 @@ def train_sft(
 
     loss_fn = losses.sft_shared_loss_num if s.share_prefix else losses.sft_loss_num
 
+    dropout = cfg.lora.enabled and cfg.lora.dropout > 0
+
     def loss_num(p, mb, *base):
-        num, den = loss_fn(lora.with_adapters(base[0], p, token_ids) if base else p, model_cfg, mb)
+        full = lora.with_adapters(base[0], p, token_ids) if base else p
+        if dropout:
+            full = lora.with_dropout(full, mb["dropout_key"], model_cfg.num_hidden_layers)
+        num, den = loss_fn(full, model_cfg, mb)
         return num, {"tokens": den}
 
     step_fn = make_train_step(loss_num, losses.sft_shared_denominator if s.share_prefix else losses.sft_denominator, tx)
@@ -149,6 +154,8 @@ def train_sft(
             arrays = split_micro({k: batch[k] for k in ("tokens", "loss_mask", "segment_ids", "positions")}, s.grad_accum)
             # the LM head and cross-entropy run only where a label is (15-30% of a trace's tokens)
             arrays["label_idx"], arrays["label_w"] = losses.label_index(arrays["loss_mask"], arrays["segment_ids"])
+        if dropout:
+            arrays["dropout_key"] = lora.dropout_keys(cfg.run.seed, step, s.grad_accum)
         mb = put_micro_batches(arrays, mesh)
         params, opt_state, m = step_fn(params, opt_state, mb, *frozen)
         if step % cfg.run.log_every == 0 or step == s.steps:
@@ -193,5 +200,7 @@ def cli(args) -> int:
     if jax.process_index() == 0:  # next to the checkpoints, so export-hf / eval find it
         tokenizer.save_pretrained(os.path.join(cfg.run.out_dir, "checkpoints", "tokenizer"))
     token_ids = lora.resolve_tokens(cfg.lora, tokenizer) if cfg.lora.enabled else ()
+    if token_ids and cfg.lora.token_init == "pieces" and not args.resume:
+        params = lora.init_rows_from_pieces(params, tokenizer, token_ids)
     train_sft(cfg, model_cfg, params, examples, cfg.run.out_dir, mesh=mesh, resume=args.resume, token_ids=token_ids)
     return 0
