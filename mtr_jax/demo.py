@@ -62,7 +62,7 @@ class RealDemoConfig:
 # Why these numbers (2-core CPU): an SFT step of 4 traces costs ~60 s at 0.5B as packed rows and
 # about half with the shared system prompt + tool schemas run once (`sft.share_prefix`), so SFT
 # gets 8 steps (32 traces; the loss is flat after ~6); GRPO gets 3 steps of 4 questions x 4 rollouts;
-# every eval is 100 held-out questions, greedy, batched 50 at a time with the prompt prefix shared.
+# every eval is 100 held-out questions, greedy, in one batch with the prompt prefix shared.
 REAL_DEFAULTS = {
     "model": {"dtype": "bfloat16", "remat": True, "scan_layers": True},  # remat: 4 x 768 without it is > 24 GB
     "lora": {"enabled": True, "rank": 16, "alpha": 32.0, "base_dtype": "bfloat16",
@@ -71,7 +71,7 @@ REAL_DEFAULTS = {
             "optim": {"lr": 1e-3, "warmup_steps": 2, "weight_decay": 0.0, "schedule": "cosine"}},
     "grpo": {"steps": 3, "batch_size": 4, "group_size": 4, "max_turns": 4, "max_new_tokens": 48, "max_len": 1024,
              "temperature": 1.0, "beta": 0.0, "optim": {"lr": 1e-4, "warmup_steps": 0, "schedule": "constant"}},
-    "eval": {"max_turns": 4, "max_new_tokens": 48, "max_len": 1024, "batch_size": 50},
+    "eval": {"max_turns": 4, "max_new_tokens": 48, "max_len": 1024, "batch_size": 100},
     "run": {"checkpoint_every": 1000, "seed": 0, "log_every": 1},
 }
 
