@@ -27,21 +27,13 @@ import jax
 import numpy as np
 
 from mtr_jax.config import Config, apply_overrides, from_dict, read_yaml, _deep_merge
+from mtr_jax.demo import WorldConfig as RealWorldConfig
 from mtr_jax.errors import MtrError
 
 
 @dataclass
-class WorldConfig:
-    seed: int = 0
-    n_train: int = 400
-    n_heldout: int = 100
-    vocab_size: int = 1536
-    # many entities, so a training name rarely repeats: memorising does not pay, copying does
-    n_people: int = 300
-    n_cities: int = 60
-    n_films: int = 200
-    n_companies: int = 60
-    kinds: list = field(default_factory=lambda: ["film_director_birthplace", "company_founder_birthplace", "person_country"])
+class WorldConfig(RealWorldConfig):
+    n_train: int = 400  # from scratch, more traces; many entities, so memorising names does not pay
 
 
 @dataclass
@@ -112,37 +104,17 @@ def _round_up(n: int, m: int) -> int:
 
 
 def run_demo(demo: DemoConfig, cfg: Config, out_dir: str, progress: bool = True, log=print) -> dict:
-    from mtr_jax.data.synthetic import make_world, split_world
+    from mtr_jax.demo import build_world, make_traces
     from mtr_jax.model import qwen2
-    from mtr_jax.tools.autoagent import AutoAgent
-    from mtr_jax.tools.toolactor import ToolActor
-    from mtr_jax.tools.toolmaker import ToolMaker
     from mtr_jax.train.grpo import train_grpo
     from mtr_jax.train.sft import train_sft, traces_to_examples
 
     t_start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     w = demo.world
-    world = make_world(seed=w.seed, n_people=w.n_people, n_cities=w.n_cities, n_films=w.n_films,
-                       n_companies=w.n_companies)
-    train_q, held_q = split_world(world, n_train=w.n_train, n_heldout=w.n_heldout, seed=w.seed, kinds=w.kinds or None)
+    train_q, held_q = build_world(w)
     log(f"[1/6] world: {len(train_q)} training questions, {len(held_q)} held-out questions (unseen entities)")
-
-    toolmaker = ToolMaker(backend="template")
-    cfg.tools.cache = os.path.join(out_dir, "tool_cache.sqlite")
-    actor = ToolActor.from_config(cfg.tools, cfg.tools.cache)
-    agent = AutoAgent(backend="oracle", actor=actor, keep_metric=cfg.tools.keep_metric,
-                      keep_threshold=cfg.tools.keep_threshold)
-    traces, rejected = [], {}
-    for r in train_q:
-        trace, why = agent.make_trace(r, toolmaker.make(r))
-        if trace is None:
-            rejected[why] = rejected.get(why, 0) + 1
-        else:
-            traces.append(trace)
-    with open(os.path.join(out_dir, "traces.jsonl"), "w") as f:
-        for t in traces:
-            f.write(json.dumps(t, ensure_ascii=False) + "\n")
+    toolmaker, actor, agent, traces, rejected = make_traces(cfg, train_q, out_dir)
     log(f"[2/6] AutoAgent (oracle) + ToolActor (corpus): kept {len(traces)} traces, rejected {sum(rejected.values())} {rejected or ''}")
 
     tok = sibling_tokenizer(w, toolmaker, agent)
@@ -159,13 +131,12 @@ def run_demo(demo: DemoConfig, cfg: Config, out_dir: str, progress: bool = True,
     results = {}
 
     def evaluate(stage, p):
-        rows = _eval(cfg, model_cfg, p, tok, held_q, toolmaker, actor)
+        from mtr_jax.demo import eval_rows, write_eval
         from mtr_jax.eval import summarize
 
+        rows = eval_rows(cfg, model_cfg, p, tok, held_q, toolmaker, actor)
         results[stage] = {k: v for k, v in summarize(rows).items() if k in ("em", "f1", "n", "avg_tool_calls")}
-        with open(os.path.join(out_dir, f"eval_{stage}.jsonl"), "w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_eval(out_dir, stage, rows)
         log(f"      {stage:<10} EM {results[stage]['em']:.3f}  F1 {results[stage]['f1']:.3f}  (n={len(rows)})")
         return rows
 
@@ -177,17 +148,21 @@ def run_demo(demo: DemoConfig, cfg: Config, out_dir: str, progress: bool = True,
     log(f"[5/6] GRPO: {g.steps} steps x {g.batch_size} questions x {g.group_size} rollouts")
     params = train_grpo(cfg, model_cfg, params, tok, train_q, actor, toolmaker, os.path.join(out_dir, "grpo"),
                         progress=progress)
-    rows = evaluate("grpo", params)
+    evaluate("grpo", params)
 
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    _curves(out_dir)
+    from mtr_jax.demo import answer_with_transformers, curves
+
+    curves(out_dir)
     from mtr_jax.model.hf_io import export_hf
 
     hf_dir = os.path.join(out_dir, "hf")
     export_hf(params, model_cfg, hf_dir, tokenizer=tok)
     log(f"[6/6] exported to {hf_dir}")
-    _show_with_transformers(hf_dir, rows, log)
+    rec = held_q[0]
+    answer_with_transformers(hf_dir, rec, toolmaker.make(rec), actor, log, max_turns=cfg.eval.max_turns,
+                             max_new_tokens=cfg.eval.max_new_tokens)
     log("")
     log(f"{'stage':<12}{'EM':>8}{'F1':>8}{'n':>6}")
     for stage, r in results.items():
@@ -215,72 +190,6 @@ def sibling_tokenizer(w: WorldConfig, toolmaker, agent, n_worlds: int = 4):
         traces += [t for t in (agent.make_trace(r, toolmaker.make(r))[0] for r in qs) if t is not None]
     boot = train_demo_tokenizer(texts, vocab_size=w.vocab_size)
     return train_demo_tokenizer(texts + [render_text(boot, t) for t in traces], vocab_size=w.vocab_size)
-
-
-def _eval(cfg, model_cfg, params, tok, records, toolmaker, actor):
-    from mtr_jax.eval import evaluate_records
-    from mtr_jax.rollout.episodes import run_episodes
-    from mtr_jax.sampling import Sampler, SamplingParams
-
-    e = cfg.eval
-    sampler = Sampler(model_cfg, cache_len=e.max_len, eos_ids=[tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id],
-                      pad_id=tok.pad_token_id)
-
-    def rollout(recs):
-        return run_episodes(sampler, params, tok, recs, [toolmaker.make(r) for r in recs], actor, group_size=1,
-                            sampling=SamplingParams(greedy=True), max_turns=e.max_turns, max_new_tokens=e.max_new_tokens,
-                            max_len=e.max_len, key=jax.random.PRNGKey(0))
-
-    return evaluate_records(rollout, records, e.batch_size, None, progress=False)
-
-
-def _curves(out_dir: str) -> None:
-    """One PNG with the SFT loss and the GRPO reward/EM curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def read(path):
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return [json.loads(l) for l in f if l.strip()]
-
-    sft = read(os.path.join(out_dir, "sft", "metrics.jsonl"))
-    grpo = read(os.path.join(out_dir, "grpo", "metrics.jsonl"))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    axes[0].plot([m["step"] for m in sft], [m["loss"] for m in sft])
-    axes[0].set(title="SFT loss (assistant tokens)", xlabel="step", yscale="log")
-    for key in ("reward", "em"):
-        axes[1].plot([m["step"] for m in grpo], [m.get(key) for m in grpo], label=key)
-    axes[1].set(title="GRPO rollouts", xlabel="step")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=100)
-    plt.close(fig)
-
-
-def _show_with_transformers(hf_dir, rows, log) -> None:
-    """Where torch is installed, reload the export with transformers and answer one question."""
-    try:
-        import torch  # noqa: F401
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        log("      (install torch to see the export answer a question with transformers)")
-        return
-    from mtr_jax.traces.render import render_prompt_ids
-
-    row = rows[0]
-    tr = row["trace"]
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir)
-    ids = render_prompt_ids(tok, tr["messages"][:2], tr["tools"])
-    out = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
-                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
-    text = tok.decode(out[0, len(ids):], skip_special_tokens=False)
-    log(f"      transformers reloaded the export; Q: {row['question']}")
-    log(f"      first turn: {text.strip()[:200]}")
 
 
 def cli(args) -> int:
