@@ -91,6 +91,20 @@ class ToolsConfig:
     keep_threshold: float = 1.0
     corpus: str = ""  # corpus JSONL ({"title", "text"} per line) for records without their own context
     backoff_s: float = 0.5  # first retry delay of the ToolActor's LLM/HTTP backends, doubled per retry
+    # the model behind every `llm` role (mtr_jax.llm): HTTP when base_url is set, else this local model
+    llm: str = ""  # a model spec load_hf accepts, e.g. offline:qwen2.5-coder-0.5b-instruct
+    llm_dtype: str = "bfloat16"
+    llm_max_len: int = 2048  # prompt + reply tokens per conversation (local backend)
+    llm_batch: int = 16  # conversations decoded together (local backend)
+    constrained: bool = True  # local backend: JSON-Schema-constrained decoding (llguidance)
+    max_tokens: int = 512  # reply budget per request
+    structured_outputs: bool = False  # the server honours response_format json_schema (vLLM, SGLang, OpenAI)
+    concurrency: int = 8  # HTTP requests in flight
+    http_retries: int = 2  # the openai SDK's own retries (backoff, Retry-After) per request
+    http_log: str = ""  # JSONL: every HTTP request body and its outcome (never the key)
+    # training-time only (ZeroSearch-style): the simulating model is told the gold answer; eval
+    # never passes it; counted in the actor's `answer_shown`
+    actor_sees_answer: bool = False
 
 
 @dataclass

@@ -101,7 +101,7 @@ def cli(args) -> int:
 
     from mtr_jax.sampling import Sampler, SamplingParams
     from mtr_jax.rollout.episodes import run_episodes
-    from mtr_jax.train.setup import load_datasets, load_tokenizer, make_actor, make_toolmaker, setup_model
+    from mtr_jax.train.setup import check_tools, load_datasets, load_tokenizer, make_actor, make_toolmaker, setup_model
 
     cfg = args.cfg
     if args.checkpoint:
@@ -111,15 +111,16 @@ def cli(args) -> int:
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = load_tokenizer(cfg)
     datasets = load_datasets(cfg, limit=limit, on_error="skip")
+    actor, toolmaker = make_actor(cfg, out_dir, for_eval=True), make_toolmaker(cfg)  # never the gold answer
+    check_tools(actor, toolmaker)
     mesh, model_cfg, params = setup_model(cfg)
-    actor, toolmaker = make_actor(cfg, out_dir), make_toolmaker(cfg)
     e = cfg.eval
     eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     sampler = Sampler(model_cfg, cache_len=e.max_len, eos_ids=[i for i in eos if i is not None],
                       pad_id=tokenizer.pad_token_id or 0, mesh=mesh)
 
     def rollout(recs):
-        return run_episodes(sampler, params, tokenizer, recs, [toolmaker.make(r) for r in recs], actor, group_size=1,
+        return run_episodes(sampler, params, tokenizer, recs, toolmaker.make_batch(recs), actor, group_size=1,
                             sampling=SamplingParams(greedy=True), max_turns=e.max_turns, max_new_tokens=e.max_new_tokens,
                             max_len=e.max_len, key=jax.random.PRNGKey(0))
 

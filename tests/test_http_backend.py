@@ -1,6 +1,7 @@
-"""ToolActor's OpenAI-compatible HTTP backend against a local stub server on 127.0.0.1 that returns
-500s, timeouts, invalid JSON and invalid observations: retries with backoff, then schema-valid error
-observations; counters show it; the API key is sent but never appears in any output."""
+"""ToolActor's OpenAI-compatible HTTP backend (mtr_jax.llm.http, the openai SDK) against a local stub
+server on 127.0.0.1 that returns 500s, 429s with Retry-After, timeouts, invalid JSON and invalid
+observations (fault injection; the real server is tests/test_serve.py): retries with backoff, then
+schema-valid error observations; counters show it; the API key is sent but never appears in any output."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class _Stub(BaseHTTPRequestHandler):
     hits: dict = {}
     auth: list = []
     prompts: list = []
+    bodies: list = []
 
     def log_message(self, *a):  # keep test output quiet
         pass
@@ -35,7 +37,10 @@ class _Stub(BaseHTTPRequestHandler):
         n = _Stub.hits[mode]
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _Stub.auth.append(self.headers.get("Authorization"))
-        _Stub.prompts.append(body["messages"][0]["content"])
+        _Stub.prompts.append("\n".join(m["content"] for m in body["messages"]))
+        _Stub.bodies.append(body)
+        if mode == "ratelimit" and n == 1:
+            return self._send(429, b'{"error": "slow down"}', {"Retry-After": "1"})
         if mode == "e500" or (mode == "flaky" and n <= 2):
             return self._send(500, b'{"error": "boom"}')
         if mode == "e401":
@@ -57,9 +62,11 @@ class _Stub(BaseHTTPRequestHandler):
     def _reply(self, content: str):
         self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode())
 
-    def _send(self, code: int, data: bytes):
+    def _send(self, code: int, data: bytes, headers: dict | None = None):
         try:
             self.send_response(code)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -88,7 +95,8 @@ def record():
 def _actor(server, mode, monkeypatch, **kw):
     monkeypatch.setenv("MTR_TEST_KEY", KEY)
     cfg = ToolsConfig(toolactor="http", base_url=f"{server}/{mode}/v1", model_name="sim", api_key_env="MTR_TEST_KEY",
-                      timeout_s=kw.pop("timeout_s", 2.0), retries=kw.pop("retries", 3), backoff_s=kw.pop("backoff_s", 0.02))
+                      timeout_s=kw.pop("timeout_s", 2.0), retries=kw.pop("retries", 3), backoff_s=kw.pop("backoff_s", 0.02),
+                      http_retries=kw.pop("http_retries", 0), **kw.pop("extra", {}))
     return ToolActor.from_config(cfg, cache_path=kw.pop("cache_path", None))
 
 
@@ -121,7 +129,35 @@ def test_failures_retry_with_backoff_then_error_observation(server, monkeypatch,
     text = obs.text + json.dumps(c)
     assert KEY not in text
     if mode == "badobs":  # the validator's message went back to the simulator
-        assert "Your previous reply was invalid" in _Stub.prompts[-1]
+        assert "Your reply was invalid" in _Stub.prompts[-1]
+
+
+def test_sdk_retries_honour_retry_after(server, monkeypatch, record):
+    """A 429 with Retry-After: 1 is retried by the openai SDK after that second, not by our loop."""
+    actor = _actor(server, "ratelimit", monkeypatch, http_retries=2)
+    t0 = time.perf_counter()
+    obs = actor.observe(CALL, [SEARCH], record)
+    assert obs.ok and obs.content == GOOD
+    assert _Stub.hits["ratelimit"] == 2 and time.perf_counter() - t0 >= 1.0
+    assert actor.counters["transient_failures"] == 0 and actor.counters["valid_first_try"] == 1
+
+
+def test_request_shape_response_format_and_log(server, monkeypatch, record, tmp_path):
+    """max_tokens always; response_format json_schema only when the server supports structured
+    outputs; the request log holds the bodies and never the key."""
+    log = tmp_path / "http.jsonl"
+    plain = _actor(server, "ok", monkeypatch, extra={"max_tokens": 77, "http_log": str(log)})
+    assert plain.observe(CALL, [SEARCH], record).ok
+    body = _Stub.bodies[-1]
+    assert body["max_tokens"] == 77 and body["temperature"] == 0 and "response_format" not in body
+    assert body["model"] == "sim" and body["messages"][0]["role"] == "user"
+    strict = _actor(server, "ok", monkeypatch, extra={"structured_outputs": True})
+    assert strict.observe({"name": "search", "arguments": {"query": "other"}}, [SEARCH], record).ok
+    rf = _Stub.bodies[-1]["response_format"]
+    assert rf["type"] == "json_schema" and rf["json_schema"]["schema"]["required"] == ["results"]
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["ok"] and lines[0]["request"]["max_tokens"] == 77
+    assert KEY not in log.read_text()
 
 
 def test_flaky_server_recovers(server, monkeypatch, record):
@@ -148,7 +184,7 @@ def test_batch_is_concurrent_and_failures_are_not_cached(server, monkeypatch, re
     out = actor.observe_batch(items)
     elapsed = time.perf_counter() - t0
     assert [o.ok for o in out] == [True] * 8 + [False] and out[-1].error == "unknown_tool"
-    assert elapsed < 8 * 0.3 * 0.6, elapsed  # threads overlap the 0.3 s server delays
+    assert elapsed < 8 * 0.3 * 0.6, elapsed  # concurrent requests overlap the 0.3 s server delays
     again = actor.observe_batch(items[:8])
     assert all(o.cached for o in again)
     failing = _actor(server, "e500", monkeypatch, cache_path=tmp_path / "c.sqlite", retries=0)

@@ -4,6 +4,7 @@ dataset records; `mtr make-tools` / `mtr make-traces` end to end."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -20,6 +21,8 @@ from mtr_jax.cli import main as mtr_main
 from mtr_jax.data.loaders import load_records
 from mtr_jax.data.records import Paragraph, QARecord
 from mtr_jax.tools.autoagent import AutoAgent
+from mtr_jax.tools.bm25 import BM25, words
+from mtr_jax.tools.exact import calculate, compare
 from mtr_jax.tools.schema import (
     ERROR_SCHEMA,
     error_observation,
@@ -28,7 +31,7 @@ from mtr_jax.tools.schema import (
     validate_tool,
     validate_toolset,
 )
-from mtr_jax.tools.toolactor import BM25, ToolActor, calculate, compare, words
+from mtr_jax.tools.toolactor import ToolActor
 from mtr_jax.tools.toolmaker import CALCULATOR, COMPARE, LOOKUP, SEARCH, ToolMaker, classify, template_tools
 from qwen_tokenizer import FIXTURES
 
@@ -217,6 +220,24 @@ def test_bm25_matches_numpy_oracle(hotpot):
     toy = BM25(["the cat sat", "a dog barked loudly", "cat and dog"])
     assert toy.top("dog", 3) == [1, 2] or toy.top("dog", 3) == [2, 1]
     assert toy.top("cat dog", 1) == [2] and toy.top("zebra", 3) == []
+
+
+def test_bm25_on_bm25s_by_hand(capsys, caplog):
+    """The bm25s-backed ranker gives the classic numbers: N=3, avg length 2, idf(cat) = ln(1 + 1.5/2.5);
+    "cat cat dog" (f=2, length 3): 2 * 2.5 / (2 + 1.5 * (0.25 + 0.75 * 3/2)) = 16/13 times idf."""
+    caplog.set_level(logging.DEBUG)
+    bm = BM25(["Cat sat", "the dog", "cat cat dog"])
+    np.testing.assert_allclose(bm.scores("cat"), [math.log(1.6), 0.0, 16 / 13 * math.log(1.6)], rtol=1e-12)
+    np.testing.assert_allclose(bm.scores("cat cat"), [2 * math.log(1.6), 0.0, 32 / 13 * math.log(1.6)], rtol=1e-12)
+    assert bm.top("cat", 3) == [2, 0] and bm.top("cat", 1) == [2] and bm.top("the of", 3) == []
+    assert bm.scores("") == [0.0, 0.0, 0.0] and bm.scores("zebra") == [0.0, 0.0, 0.0]
+    assert BM25(["red x", "blue x", "x"]).top("x", 3) == [2, 0, 1]  # equal scores: document order
+    np.testing.assert_allclose(BM25(["cat"]).scores("cat"), [math.log(4 / 3)], rtol=1e-12)  # one document
+    assert BM25([]).scores("cat") == [] and BM25([]).top("cat", 3) == []
+    assert BM25(["the of", ""]).scores("the of") == [0.0, 0.0]  # no vocabulary at all
+    out = capsys.readouterr()
+    assert out.out == out.err == ""  # no progress bars
+    assert not [r for r in caplog.records if r.name.startswith("bm25s")]  # bm25s logs at DEBUG by default
 
 
 def test_calculator_and_compare():

@@ -163,6 +163,7 @@ class Sampler:
         self._append = jax.jit(self._append_impl, donate_argnums=(1,))
         self._generate = jax.jit(self._generate_impl, donate_argnums=(1,),
                                  static_argnames=("out_len", "all_greedy", "use_filter", "window"))
+        self._step = jax.jit(self._step_impl, donate_argnums=(1,), static_argnames=("window",))
         # decode attends over the first `window` cache slots only: a power of two >= what the rows
         # can fill during the call (history + max_new), so short rows in a long cache stay cheap
         self.window_buckets = _pow2_buckets(64, self.cache_len)
@@ -267,7 +268,51 @@ class Sampler:
             new_cache = {"k": put(full["k"], new_cache["k"]), "v": put(full["v"], new_cache["v"]), "end": new_cache["end"]}
         return (new_cache, *rest)
 
+    def _step_impl(self, params, cache, pending, active, allowed_bits, *, window):
+        """One greedy decode step under a token mask: feed each active row's pending token and
+        take the best token its mask allows (bit t of allowed_bits[b, t // 32] = token t allowed;
+        llguidance's bitmask layout)."""
+        full = cache
+        if window < cache["k"].shape[3]:
+            cache = {"k": full["k"][:, :, :, :window], "v": full["v"][:, :, :, :window], "end": full["end"]}
+        run = active & (full["end"] + 1 < full["k"].shape[3])
+        logits, k, v, end = forward_chunk(params, self.cfg, cache["k"], cache["v"], cache["end"], pending[:, None],
+                                          run.astype(jnp.int32), want_logits=True)
+        ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+        words = jnp.take(allowed_bits, ids // 32, axis=1)
+        allowed = (jnp.right_shift(words, ids % 32) & 1) == 1
+        tok = jnp.argmax(jnp.where(allowed, logits[:, 0], -jnp.inf), axis=-1).astype(jnp.int32)
+        if window < full["k"].shape[3]:
+            put = lambda big, small: self._constrain_cache(jax.lax.dynamic_update_slice(big, small, (0,) * big.ndim))
+            k, v = put(full["k"], k), put(full["v"], v)
+        new_pending = jnp.where(run, tok, pending)
+        return {"k": self._constrain_cache(k), "v": self._constrain_cache(v), "end": end}, new_pending
+
     # ---------------------------------------------------------------- public API
+
+    def step_masked(self, params, state: SamplerState, allowed_bits: np.ndarray, active: np.ndarray,
+                    window_hint: int = 0) -> tuple[SamplerState, np.ndarray]:
+        """Constrained decoding, one token per call: each active row takes the most likely token
+        that `allowed_bits` ([N, ceil(V/32)] int32, a grammar's bitmask) allows; the chosen token
+        becomes the row's pending token (so it is fed by the next step, like `generate`'s output).
+        -> (state, tokens [N]). One host round trip per token: the grammar matcher lives on the
+        host. `window_hint`: tokens the caller may still add (keeps one attention-window bucket
+        for the whole constrained generation). Consumes `state`."""
+        N, Nb = state.n_rows, state.batch_bucket
+        W = -(-self.cfg.vocab_size // 32)
+        bits = np.zeros((Nb, W), np.int32)
+        a = np.asarray(allowed_bits, np.int32)
+        if a.ndim != 2 or a.shape[0] != N or a.shape[1] > W:
+            raise MtrError(f"Sampler.step_masked: allowed_bits has shape {a.shape}, expected ({N}, <= {W})")
+        bits[:N, : a.shape[1]] = a
+        act = np.zeros((Nb,), bool)
+        act[:N] = np.asarray(active, bool).reshape(-1)
+        window = self._bucket(int(state.row_lengths.max()) + max(1, int(window_hint)), self.window_buckets, cap=self.cache_len)
+        cache, pending = self._step(params, state.cache, state.pending, self._rows(act), self._rows(bits), window=window)
+        fits = state.row_lengths + 1 <= self.cache_len
+        ran = act[:N] & fits
+        toks = np.asarray(jax.device_get(pending))[:N]
+        return SamplerState(cache, pending, state.row_lengths + ran, state.n_prompts, state.group_size), toks
 
     def rollout_params(self, params):
         """The weights the sampler should read: every matmul weight (`*_w`, embed, lm_head) in the compute dtype,
@@ -415,4 +460,4 @@ class Sampler:
 
     def compiled_programs(self) -> int:
         """How many programs the jitted entry points hold (for recompile checks)."""
-        return sum(f._cache_size() for f in (self._prefill, self._prefill_shared, self._append, self._generate))
+        return sum(f._cache_size() for f in (self._prefill, self._prefill_shared, self._append, self._generate, self._step))

@@ -11,8 +11,9 @@
     Otherwise: search the question.
   Grounding rule: the oracle answers with a gold alias only if it occurs (normalised, whole tokens)
   in one of its observations; yes/no answers are exempt.
-- llm: a teacher model `complete(prompt) -> str` writes each assistant turn; its calls are answered
-  by the ToolActor; malformed turns reject the trace.
+- llm: a teacher model (mtr_jax.llm: local or HTTP) writes each assistant turn; its calls are
+  answered by the ToolActor; malformed turns reject the trace. `make_traces` runs a batch of
+  records in lockstep: one teacher request per live episode per turn, one ToolActor batch per turn.
 Kept only if the final answer passes `keep_metric` (em | f1 via mtr_jax.rewards) >= keep_threshold.
 Trace JSON is the shared format (see traces.render): {"id", "dataset", "question", "golds", "tools",
 "messages", "answer"}.
@@ -25,11 +26,10 @@ import pathlib
 import re
 import sys
 from collections import Counter
-from typing import Callable
-
 from mtr_jax import rewards
 from mtr_jax.data.records import QARecord
 from mtr_jax.errors import MtrError
+from mtr_jax.llm import as_llm
 from mtr_jax.tools.schema import for_template
 from mtr_jax.tools.toolactor import ToolActor
 from mtr_jax.traces.parse import parse_turn
@@ -100,18 +100,20 @@ class AutoAgent:
         backend: str = "oracle",
         actor: ToolActor | None = None,
         *,
-        complete: Callable[[str], str] | None = None,
+        complete=None,
         keep_metric: str = "em",
         keep_threshold: float = 1.0,
         max_calls: int = 6,
+        max_tokens: int = 384,
     ):
         if backend not in ("oracle", "llm"):
             raise MtrError(f"tools.autoagent: unknown backend {backend!r} (oracle | llm)")
         if backend == "llm" and complete is None:
-            raise MtrError("tools.autoagent=llm needs a teacher: a complete(prompt) callable or tools.base_url")
+            raise MtrError("tools.autoagent=llm needs a teacher: set tools.llm (a local model) or tools.base_url")
         if keep_metric not in ("em", "f1"):
             raise MtrError(f"tools.keep_metric must be em or f1, got {keep_metric!r}")
-        self.backend, self.complete = backend, complete
+        self.backend, self.llm = backend, as_llm(complete)
+        self.max_tokens = int(max_tokens)  # one teacher turn
         self.actor = actor if actor is not None else ToolActor("corpus")
         self.keep_metric, self.keep_threshold, self.max_calls = keep_metric, keep_threshold, max_calls
 
@@ -119,15 +121,28 @@ class AutoAgent:
 
     def make_trace(self, record: QARecord, tools: list[dict]) -> tuple[dict | None, str]:
         """(trace, "") if kept, else (None, reason)."""
-        if not record.golds:
-            return None, "no_gold"
-        names = {t["function"]["name"] for t in tools}
-        if self.backend == "llm":
-            ep, answer, reason = self._teacher(record, tools)
-        elif not {"search", "lookup"} <= names:
-            return None, "no_search_tools"
-        else:
-            ep, answer, reason = self._oracle(record, tools)
+        return self.make_traces([record], [tools])[0]
+
+    def make_traces(self, records: list[QARecord], tool_sets: list[list[dict]]) -> list[tuple[dict | None, str]]:
+        """make_trace for a batch (the llm teacher answers the batch's episodes together)."""
+        out: list = [None] * len(records)
+        todo = []
+        for i, (record, tools) in enumerate(zip(records, tool_sets)):
+            names = {t["function"]["name"] for t in tools}
+            if not record.golds:
+                out[i] = (None, "no_gold")
+            elif self.backend == "llm":
+                todo.append(i)
+            elif not {"search", "lookup"} <= names:
+                out[i] = (None, "no_search_tools")
+            else:
+                out[i] = self._keep(record, tools, *self._oracle(record, tools))
+        if todo:
+            for i, res in zip(todo, self._teacher([records[i] for i in todo], [tool_sets[i] for i in todo])):
+                out[i] = self._keep(records[i], tool_sets[i], *res)
+        return out
+
+    def _keep(self, record: QARecord, tools: list[dict], ep, answer: str, reason: str) -> tuple[dict | None, str]:
         if reason:
             return None, reason
         score = (rewards.exact_match if self.keep_metric == "em" else rewards.f1)(answer, record.golds)
@@ -230,45 +245,62 @@ class AutoAgent:
 
     # -- LLM teacher ------------------------------------------------------------------------------
 
-    def _teacher(self, record: QARecord, tools: list[dict]) -> tuple[_Episode, str, str]:
-        ep = _Episode(self, record, tools)
+    def _teacher(self, records: list[QARecord], tool_sets: list[list[dict]]) -> list[tuple[_Episode, str, str]]:
+        eps = [_Episode(self, r, t) for r, t in zip(records, tool_sets)]
+        res: list = [None] * len(eps)
         for _ in range(self.max_calls + 1):
-            try:
-                reply = self.complete(_teacher_prompt(ep.messages, tools))
-            except Exception as e:  # a failing teacher rejects this record only
-                return ep, "", f"teacher_failed:{type(e).__name__}"
-            turn = parse_turn(reply)
-            if turn.kind == "error":
-                return ep, "", f"teacher_format:{turn.error}"
-            content = turn.text[: turn.text.index("<tool_call>")].rstrip("\n") if turn.kind == "tool_call" else turn.text.strip()
-            if turn.kind == "answer":
-                ep.messages.append({"role": "assistant", "content": content})
-                return ep, turn.answer, ""
-            ep.messages.append({"role": "assistant", "content": content,
-                                "tool_calls": [{"type": "function", "function": c} for c in turn.calls]})
-            for c in turn.calls:
-                obs = self.actor.observe(c, tools, record)
+            live = [i for i in range(len(eps)) if res[i] is None]
+            if not live:
+                break
+            replies = self.llm.chat([_teacher_conversation(eps[i].messages, tool_sets[i]) for i in live],
+                                    max_tokens=self.max_tokens)
+            calls = []  # (episode index, call)
+            for i, reply in zip(live, replies):
+                ep = eps[i]
+                if isinstance(reply, Exception):  # a failing teacher rejects this record only
+                    res[i] = (ep, "", f"teacher_failed:{type(reply).__name__}")
+                    continue
+                turn = parse_turn(reply)
+                if turn.kind == "error":
+                    res[i] = (ep, "", f"teacher_format:{turn.error}")
+                    continue
+                content = turn.text[: turn.text.index("<tool_call>")].rstrip("\n") if turn.kind == "tool_call" else turn.text.strip()
+                if turn.kind == "answer":
+                    ep.messages.append({"role": "assistant", "content": content})
+                    res[i] = (ep, turn.answer, "")
+                    continue
+                ep.messages.append({"role": "assistant", "content": content,
+                                    "tool_calls": [{"type": "function", "function": c} for c in turn.calls]})
+                calls += [(i, c) for c in turn.calls]
+            observations = self.actor.observe_batch([(c, tool_sets[i], records[i]) for i, c in calls])
+            for (i, c), obs in zip(calls, observations):
                 text = observation_text(obs.content)
-                ep.messages.append({"role": "tool", "name": c["name"], "content": text})
-                ep.obs_texts.append(text)
-                ep.obs_dicts.append(obs.content)
-        return ep, "", "max_turns"
+                eps[i].messages.append({"role": "tool", "name": c["name"], "content": text})
+                eps[i].obs_texts.append(text)
+                eps[i].obs_dicts.append(obs.content)
+        return [r if r is not None else (eps[i], "", "max_turns") for i, r in enumerate(res)]
 
 
-def _teacher_prompt(messages: list[dict], tools: list[dict]) -> str:
-    """The conversation in Qwen2.5's tool format as plain text; the teacher writes the next turn."""
-    lines = [SYSTEM_PROMPT, "Tools:"] + [json.dumps(t, ensure_ascii=False) for t in for_template(tools)]
-    lines.append('Call a tool as <tool_call>\n{"name": <name>, "arguments": {...}}\n</tool_call>.')
+def _teacher_conversation(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """The episode so far as a plain chat (any server can take it): the system prompt with the
+    tools and the call format, the question, then the teacher's turns and the tool responses
+    (as user turns in Qwen2.5's <tool_response> format); the teacher writes the next turn."""
+    system = "\n".join([SYSTEM_PROMPT, "Tools:"] + [json.dumps(t, ensure_ascii=False) for t in for_template(tools)]
+                       + ['Call a tool as <tool_call>\n{"name": <name>, "arguments": {...}}\n</tool_call>.'])
+    conv = [{"role": "system", "content": system}]
     for m in messages[1:]:
         if m["role"] == "tool":
-            lines.append(f"<tool_response>\n{m['content']}\n</tool_response>")
+            text = f"<tool_response>\n{m['content']}\n</tool_response>"
+            if conv[-1]["role"] == "user":  # several responses to one turn: one user message
+                conv[-1]["content"] += "\n" + text
+            else:
+                conv.append({"role": "user", "content": text})
             continue
         text = m.get("content", "")
         for c in m.get("tool_calls", []):
             text += "\n<tool_call>\n" + json.dumps(c["function"], ensure_ascii=False) + "\n</tool_call>"
-        lines.append(f"[{m['role']}]\n{text}")
-    lines.append("[assistant]")
-    return "\n".join(lines)
+        conv.append({"role": m["role"], "content": text})
+    return conv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,32 +308,36 @@ def _teacher_prompt(messages: list[dict], tools: list[dict]) -> str:
 
 
 def cli(args) -> int:
-    from mtr_jax.tools.toolactor import HttpChat
-    from mtr_jax.tools.toolmaker import ToolMaker, load_dataset_records
+    from mtr_jax.llm import make_llm
+    from mtr_jax.progress import progress
+    from mtr_jax.train.setup import load_records_from_config, make_toolmaker
 
     cfg = args.cfg
-    records = load_dataset_records(cfg, args.limit)
+    records = load_records_from_config(cfg, limit=args.limit)
     out_dir = pathlib.Path(cfg.run.out_dir)
     out = pathlib.Path(args.out or cfg.data.traces or out_dir / "traces.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    from mtr_jax.train.setup import make_toolmaker
-
     maker = make_toolmaker(cfg, fallback="template")
     actor = ToolActor.from_config(cfg.tools, cache_path=cfg.tools.cache or out_dir / "tool_cache.sqlite", seed=cfg.run.seed)
-    complete = HttpChat.from_config(cfg.tools).complete if cfg.tools.autoagent == "llm" else None
-    agent = AutoAgent(cfg.tools.autoagent, actor, complete=complete, keep_metric=cfg.tools.keep_metric,
-                      keep_threshold=cfg.tools.keep_threshold)
+    teacher = make_llm(cfg.tools) if cfg.tools.autoagent == "llm" else None
+    agent = AutoAgent(cfg.tools.autoagent, actor, complete=teacher, keep_metric=cfg.tools.keep_metric,
+                      keep_threshold=cfg.tools.keep_threshold, max_tokens=cfg.tools.max_tokens)
     reasons: Counter = Counter()
     kept = 0
+    batch = max(1, cfg.tools.llm_batch) if teacher is not None else 1
+    bar = progress(len(records), desc="make-traces")
     with open(out, "w", encoding="utf-8") as f:
-        for r in records:
-            tools = maker.make(r)
-            trace, reason = agent.make_trace(r, tools)
-            if trace is None:
-                reasons[reason] += 1
-                continue
-            kept += 1
-            f.write(json.dumps(trace, ensure_ascii=False) + "\n")
+        for j in range(0, len(records), batch):
+            chunk = records[j: j + batch]
+            for trace, reason in agent.make_traces(chunk, [maker.make(r) for r in chunk]):
+                if trace is None:
+                    reasons[reason] += 1
+                    continue
+                kept += 1
+                f.write(json.dumps(trace, ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update(len(chunk))
+    bar.close()
     summary = {"records": len(records), "kept": kept, "rejected": sum(reasons.values()), "reasons": dict(reasons),
                "kept_share": round(kept / max(1, len(records)), 4), "actor": dict(actor.counters), "out": str(out)}
     print(json.dumps(summary), file=sys.stdout)

@@ -4,8 +4,9 @@ Backends
 - "template" (offline default): a fixed, small set — `search` and `lookup` for every question, plus
   `compare` (comparison, yes-no) or `calculator` (numeric, temporal). Descriptions are short because
   a tiny model reads them in every prompt.
-- "llm": prompt -> JSON -> validate -> automatic repair -> re-prompt with the validator's messages
-  (up to `retries`) -> drop with a reason. Generated tools are added to the utility tools.
+- "llm": prompt -> JSON (tools.json_extract: mended by json_repair if need be) -> validate -> automatic
+  repair -> re-prompt with the validator's messages (up to `retries`) -> drop with a reason.
+  Generated tools are added to the utility tools.
 
 `mtr make-tools --config C` writes one JSON line per record: {"id", "dataset", "qtype", "tools"}.
 """
@@ -17,11 +18,14 @@ import json
 import pathlib
 import re
 import sys
+import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 from mtr_jax.data.records import QARecord
 from mtr_jax.errors import MtrError
+from mtr_jax.llm import as_llm
+from mtr_jax.tools.json_extract import extract_json
+from mtr_jax.tools.jsonl import read_jsonl
 from mtr_jax.tools.schema import NAME_RE, validate_tool, with_error_branch
 
 QTYPES = ("bridge", "comparison", "yes-no", "temporal", "numeric")
@@ -141,22 +145,55 @@ Existing tools: {existing}.
 Propose 1 or 2 extra task-specific tools as a JSON list. Each item:
 {{"type": "function", "function": {{"name": "<letters, digits, _ or ->", "description": "<short>",
 "parameters": {{"type": "object", "properties": {{...}}, "required": [...]}}}},
-"returns": <JSON Schema of the observation object>}}
+"returns": <JSON Schema of the successful observation object>}}
 Reply with the JSON list only."""
 
+# What a constrained model writes (mtr_jax.llm, local backend): 1-2 tools whose parameter and result
+# fields are typed scalars (or lists of them). `required` is not generated: the ToolMaker makes every
+# parameter and result field required (as OpenAI's strict mode does), since a schema cannot say
+# "required names must be property names".
+_SCALAR = {"type": "string", "enum": ["string", "integer", "number", "boolean"]}
+_FIELD = {"anyOf": [
+    {"type": "object", "properties": {"type": _SCALAR, "description": {"type": "string", "maxLength": 120}},
+     "required": ["type", "description"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "type": {"const": "array"},
+        "items": {"type": "object", "properties": {"type": _SCALAR}, "required": ["type"], "additionalProperties": False},
+        "description": {"type": "string", "maxLength": 120}},
+     "required": ["type", "items", "description"], "additionalProperties": False},
+]}
+_FIELDS = {"type": "object", "patternProperties": {"^[a-z][a-z0-9_]{0,30}$": _FIELD}, "additionalProperties": False,
+           "minProperties": 1, "maxProperties": 3}
+GENERATION_SCHEMA = {
+    "type": "array", "minItems": 1, "maxItems": 2,
+    "items": {"type": "object", "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_]{2,40}$"},
+            "description": {"type": "string", "minLength": 3, "maxLength": 160},
+            "parameters": {"type": "object", "properties": {"type": {"const": "object"}, "properties": _FIELDS},
+                           "required": ["type", "properties"], "additionalProperties": False}},
+            "required": ["name", "description", "parameters"], "additionalProperties": False},
+        "returns": {"type": "object", "properties": {"type": {"const": "object"}, "properties": _FIELDS},
+                    "required": ["type", "properties"], "additionalProperties": False}},
+        "required": ["type", "function", "returns"], "additionalProperties": False},
+}
 
-def _extract_json(text: str):
-    """First JSON value in a model reply (tolerates prose and ``` fences around it)."""
-    text = text.strip()
-    for opener in ("[", "{"):
-        i = text.find(opener)
-        while i >= 0:
-            try:
-                obj, _ = json.JSONDecoder().raw_decode(text[i:])
-                return obj
-            except ValueError:
-                i = text.find(opener, i + 1)
-    raise ValueError("no JSON value found in the reply")
+
+def complete_tool(defn):
+    """The protocol's part of a proposed tool (not a repair): `returns` gains the error branch
+    (every observation may be an error), and a constrained proposal, which has no `required`
+    lists, requires all its fields."""
+    if not isinstance(defn, dict):
+        return defn
+    d = copy.deepcopy(defn)
+    fn = d.get("function")
+    for schema in (fn.get("parameters") if isinstance(fn, dict) else None, d.get("returns")):
+        if isinstance(schema, dict) and isinstance(schema.get("properties"), dict) and "required" not in schema:
+            schema["required"] = sorted(schema["properties"])
+    if isinstance(d.get("returns"), dict):
+        d["returns"] = with_error_branch(d["returns"])
+    return d
 
 
 def repair_tool(defn) -> dict | None:
@@ -199,6 +236,7 @@ class MakeStats:
     valid: int = 0
     repaired: int = 0
     dropped: int = 0
+    json_repaired: int = 0  # replies whose JSON json_repair had to mend (tools.json_extract)
     drop_reasons: dict = field(default_factory=dict)
 
     def drop(self, reason: str) -> None:
@@ -208,64 +246,87 @@ class MakeStats:
 
     def as_dict(self) -> dict:
         return {"generated": self.generated, "valid": self.valid, "repaired": self.repaired,
-                "dropped": self.dropped, "drop_reasons": dict(self.drop_reasons)}
+                "dropped": self.dropped, "json_repaired": self.json_repaired, "drop_reasons": dict(self.drop_reasons)}
 
 
 class ToolMaker:
-    def __init__(self, backend: str = "template", generate: Callable[[str], str] | None = None, retries: int = 2):
+    def __init__(self, backend: str = "template", generate=None, retries: int = 2, *, llm=None, max_tokens: int = 512):
         if backend not in ("template", "llm"):
             raise MtrError(f"tools.toolmaker: unknown backend {backend!r} (template | llm)")
-        if backend == "llm" and generate is None:
-            raise MtrError("tools.toolmaker=llm needs a generate(prompt) -> text callable (or an HTTP endpoint)")
-        self.backend, self.generate, self.retries = backend, generate, retries
+        self.llm = as_llm(llm if llm is not None else generate)
+        if backend == "llm" and self.llm is None:
+            raise MtrError("tools.toolmaker=llm needs a model: set tools.llm (a local model) or tools.base_url")
+        self.backend, self.retries, self.max_tokens = backend, retries, int(max_tokens)
         self.stats = MakeStats()
 
     def make(self, record: QARecord) -> list[dict]:
-        qtype = classify(record.question)
-        base = template_tools(qtype)
-        if self.backend == "template":
-            self.stats.generated += len(base)
-            self.stats.valid += len(base)
-            return base
-        base = copy.deepcopy(UTILITY_TOOLS)
-        return base + self._llm_tools(record, qtype, base)
+        return self.make_batch([record])[0]
 
-    def _llm_tools(self, record: QARecord, qtype: str, base: list[dict]) -> list[dict]:
+    def make_batch(self, records: list[QARecord]) -> list[list[dict]]:
+        if self.backend == "template":
+            out = [template_tools(classify(r.question)) for r in records]
+            n = sum(len(t) for t in out)
+            self.stats.generated += n
+            self.stats.valid += n
+            return out
+        return self._llm_tools(records)
+
+    def _llm_tools(self, records: list[QARecord]) -> list[list[dict]]:
         """generated = valid (as proposed) + repaired (fixed mechanically) + dropped (with reason);
-        the problems of dropped tools go back to the model for another attempt."""
-        names = {t["function"]["name"] for t in base}
-        prompt = _LLM_PROMPT.format(qtype=qtype, question=record.question, existing=", ".join(sorted(names)))
-        kept: list[dict] = []
-        feedback = ""
+        the problems of dropped tools go back to the model for another attempt, in the same chat."""
+        n = len(records)
+        names = [{t["function"]["name"] for t in UTILITY_TOOLS} for _ in range(n)]
+        kept: list[list[dict]] = [[] for _ in range(n)]
+        convs = [[{"role": "user", "content": _LLM_PROMPT.format(qtype=classify(r.question), question=r.question,
+                                                                   existing=", ".join(sorted(names[i])))}]
+                 for i, r in enumerate(records)]
+        todo = list(range(n))
         for _ in range(self.retries + 1):
-            try:
-                items = _extract_json(self.generate(prompt + feedback))
-            except Exception as e:  # a failing teacher spoils this record only
-                self.stats.drop(f"unreadable reply: {type(e).__name__}")
-                feedback = "\nYour previous reply was not a JSON list. Reply with the JSON list only."
-                continue
-            problems: list[str] = []
-            for item in items if isinstance(items, list) else [items]:
-                self.stats.generated += 1
-                probs = validate_tool(item)
-                cand, repaired = item, False
-                if probs:
-                    cand, repaired = repair_tool(item), True
-                    probs = validate_tool(cand) if cand is not None else probs
-                if not probs and cand["function"]["name"] in names:
-                    probs = [f"tool {cand['function']['name']!r}: duplicate name, already have {sorted(names)}"]
-                if probs:
-                    self.stats.drop(probs[0])
-                    problems += probs
-                    continue
-                names.add(cand["function"]["name"])
-                kept.append(cand)
-                self.stats.repaired += int(repaired)
-                self.stats.valid += int(not repaired)
-            if not problems:
+            if not todo:
                 break
-            feedback = "\nFix these problems and reply with the corrected JSON list only:\n- " + "\n- ".join(problems[:8])
-        return kept
+            replies = self.llm.chat([convs[i] for i in todo], [GENERATION_SCHEMA] * len(todo), max_tokens=self.max_tokens)
+            again = []
+            for i, reply in zip(todo, replies):
+                feedback = self._take(reply, names[i], kept[i])
+                if feedback:
+                    convs[i] = convs[i] + [{"role": "assistant", "content": reply if isinstance(reply, str) else ""},
+                                           {"role": "user", "content": feedback}]
+                    again.append(i)
+            todo = again
+        return [copy.deepcopy(UTILITY_TOOLS) + k for k in kept]
+
+    def _take(self, reply, names: set, kept: list) -> str:
+        """Validate one reply's tools into `kept`; -> feedback for another attempt ("" = done)."""
+        try:
+            if isinstance(reply, Exception):
+                raise reply
+            items, mended = extract_json(reply)
+        except Exception as e:  # a failing teacher spoils this record only
+            self.stats.drop(f"unreadable reply: {type(e).__name__}")
+            return "Your previous reply was not a JSON list. Reply with the JSON list only."
+        self.stats.json_repaired += int(mended)
+        problems: list[str] = []
+        for item in items if isinstance(items, list) else [items]:
+            self.stats.generated += 1
+            item = complete_tool(item)
+            probs = validate_tool(item)
+            cand, repaired = item, False
+            if probs:
+                cand, repaired = repair_tool(item), True
+                probs = validate_tool(cand) if cand is not None else probs
+            if not probs and cand["function"]["name"] in names:
+                probs = [f"tool {cand['function']['name']!r}: duplicate name, already have {sorted(names)}"]
+            if probs:
+                self.stats.drop(probs[0])
+                problems += probs
+                continue
+            names.add(cand["function"]["name"])
+            kept.append(cand)
+            self.stats.repaired += int(repaired)
+            self.stats.valid += int(not repaired)
+        if not problems:
+            return ""
+        return "Fix these problems and reply with the corrected JSON list only:\n- " + "\n- ".join(problems[:8])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,22 +335,9 @@ class ToolMaker:
 
 def read_tools_file(path) -> dict[str, list[dict]]:
     """make-tools output -> {"<dataset>/<id>": tools}."""
-    import pathlib
-
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise MtrError(f"data.tools: file not found: {p} (run `mtr make-tools` first, or leave it empty)")
-    out = {}
-    with open(p, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                out[f"{d['dataset']}/{d['id']}"] = d["tools"]
-            except (ValueError, KeyError, TypeError):
-                raise MtrError(f"{p} line {i}: expected {{\"id\", \"dataset\", \"tools\"}} (make-tools output)") from None
-    return out
+    return dict(read_jsonl(path, lambda d: (f"{d['dataset']}/{d['id']}", d["tools"]), key="data.tools",
+                           expected='{"id", "dataset", "tools"} (make-tools output)',
+                           hint=" (run `mtr make-tools` first, or leave it empty)"))
 
 
 class ToolSetMaker:
@@ -300,6 +348,9 @@ class ToolSetMaker:
     def __init__(self, path, fallback: "ToolMaker"):
         self.path, self.sets, self.fallback, self.missing = str(path), read_tools_file(path), fallback, 0
 
+    def make_batch(self, records: list[QARecord]) -> list[list[dict]]:
+        return [self.make(r) for r in records]
+
     def make(self, record: QARecord) -> list[dict]:
         tools = self.sets.get(f"{record.dataset}/{record.id}")
         if tools is None:
@@ -308,42 +359,30 @@ class ToolSetMaker:
         return tools
 
 
-def load_dataset_records(cfg, limit: int | None) -> list[QARecord]:
-    """Records of every dataset in `cfg.data.datasets` through the loaders module."""
-    from mtr_jax.data.loaders import load_records
-
-    if not cfg.data.datasets:
-        raise MtrError("config key 'data.datasets' is empty: list [{name, path}] entries")
-    out: list[QARecord] = []
-    n = limit if limit is not None else (cfg.data.limit or None)
-    for i, ds in enumerate(cfg.data.datasets):
-        if not isinstance(ds, dict) or "name" not in ds:
-            raise MtrError(f"config key 'data.datasets[{i}]' must be a mapping with 'name' (and 'path')")
-        recs = load_records(ds["name"], ds.get("path", ""))
-        out += recs[:n] if n else recs
-    return out
-
-
-def _make_generate(cfg):
-    if cfg.tools.toolmaker != "llm":
-        return None
-    from mtr_jax.tools.toolactor import HttpChat
-
-    if not cfg.tools.base_url:
-        raise MtrError("tools.toolmaker=llm needs tools.base_url (an OpenAI-compatible endpoint)")
-    return HttpChat.from_config(cfg.tools).complete
-
-
 def cli(args) -> int:
+    from mtr_jax.llm import make_llm
+    from mtr_jax.progress import progress
+    from mtr_jax.train.setup import load_records_from_config
+
     cfg = args.cfg
-    records = load_dataset_records(cfg, args.limit)
+    records = load_records_from_config(cfg, limit=args.limit)
     out = pathlib.Path(args.out or cfg.data.tools or pathlib.Path(cfg.run.out_dir) / "tools.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    maker = ToolMaker(cfg.tools.toolmaker, generate=_make_generate(cfg), retries=cfg.tools.retries)
+    llm = make_llm(cfg.tools) if cfg.tools.toolmaker == "llm" else None
+    maker = ToolMaker(cfg.tools.toolmaker, llm=llm, retries=cfg.tools.retries, max_tokens=cfg.tools.max_tokens)
+    batch = max(1, cfg.tools.llm_batch)
+    bar = progress(len(records), desc="make-tools")
+    t0 = time.perf_counter()
     with open(out, "w", encoding="utf-8") as f:
-        for r in records:
-            tools = maker.make(r)
-            f.write(json.dumps({"id": r.id, "dataset": r.dataset, "qtype": classify(r.question), "tools": tools}, ensure_ascii=False) + "\n")
-    summary = {"records": len(records), **maker.stats.as_dict(), "out": str(out)}
+        for j in range(0, len(records), batch):
+            chunk = records[j: j + batch]
+            for r, tools in zip(chunk, maker.make_batch(chunk)):
+                f.write(json.dumps({"id": r.id, "dataset": r.dataset, "qtype": classify(r.question), "tools": tools},
+                                   ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update(len(chunk))
+    bar.close()
+    summary = {"records": len(records), **maker.stats.as_dict(), "seconds": round(time.perf_counter() - t0, 1),
+               "out": str(out)}
     print(json.dumps(summary), file=sys.stdout)
     return 0

@@ -329,6 +329,8 @@ class GRPOTrainer:
         met["tool_calls"] = float(np.mean([e.counters["tool_calls"] for e in eps]))
         calls = sum(e.counters["tool_calls"] for e in eps)
         met["invalid_call_rate"] = float(sum(e.counters["invalid_calls"] for e in eps) / max(calls, 1))
+        if getattr(self.actor, "sees_answer", False):  # the training-time leak is on: say how often
+            met["tools/answer_shown"] = float(self.actor.counters["answer_shown"])
         return met
 
 
@@ -386,17 +388,19 @@ def train_grpo(cfg: Config, model_cfg, params, tokenizer, records, actor, toolma
 
 
 def cli(args) -> int:
-    from mtr_jax.train.setup import load_records_from_config, load_tokenizer, make_actor, make_toolmaker, setup_model
+    from mtr_jax.train.setup import (check_tools, load_records_from_config, load_tokenizer, make_actor, make_toolmaker,
+                                     setup_model)
 
     cfg: Config = args.cfg
     lora.validate(cfg.lora)  # before any work
     tokenizer = load_tokenizer(cfg)
     records = load_records_from_config(cfg)
+    actor, toolmaker = make_actor(cfg), make_toolmaker(cfg)
+    check_tools(actor, toolmaker)
     mesh, model_cfg, params = setup_model(cfg)
-    actor = make_actor(cfg)
     print(f"grpo: {len(records)} questions, {cfg.grpo.steps} steps x {cfg.grpo.batch_size}x{cfg.grpo.group_size} -> {cfg.run.out_dir}")
     if jax.process_index() == 0:  # next to the checkpoints, so export-hf / eval find it
         tokenizer.save_pretrained(os.path.join(cfg.run.out_dir, "checkpoints", "tokenizer"))
-    train_grpo(cfg, model_cfg, params, tokenizer, records, actor, make_toolmaker(cfg), cfg.run.out_dir, mesh=mesh,
+    train_grpo(cfg, model_cfg, params, tokenizer, records, actor, toolmaker, cfg.run.out_dir, mesh=mesh,
                resume=args.resume)
     return 0

@@ -65,16 +65,36 @@ def load_datasets(cfg: Config, limit: int = 0, on_error: str = "raise") -> dict:
     return out
 
 
-def load_records_from_config(cfg: Config) -> list:
-    return [r for recs, _ in load_datasets(cfg).values() for r in recs]
+def load_records_from_config(cfg: Config, limit: int | None = None) -> list:
+    """Every record of `data.datasets` (at most `limit`, else `data.limit`, per dataset)."""
+    return [r for recs, _ in load_datasets(cfg, limit=limit or 0).values() for r in recs]
 
 
-def make_actor(cfg: Config, out_dir: str | None = None):
+def make_actor(cfg: Config, out_dir: str | None = None, for_eval: bool = False):
+    """The configured ToolActor. `for_eval`: the simulating model never sees the gold answer,
+    whatever `tools.actor_sees_answer` says."""
     from mtr_jax.tools.toolactor import ToolActor
 
     cache = cfg.tools.cache or os.path.join(out_dir or cfg.run.out_dir, "tool_cache.sqlite")
     os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-    return ToolActor.from_config(cfg.tools, cache)
+    return ToolActor.from_config(cfg.tools, cache, seed=cfg.run.seed, sees_answer=False if for_eval else None)
+
+
+def check_tools(actor, toolmaker) -> None:
+    """Before any work: every tool the run will offer must be answerable by its actor (the corpus
+    backend answers retrieval-shaped tools, calculator and compare; a model simulates anything)."""
+    import sys
+
+    from mtr_jax.tools.toolmaker import ToolSetMaker
+
+    if isinstance(toolmaker, ToolSetMaker):
+        bad = actor.unanswerable(toolmaker.sets.values())
+        if bad:
+            raise MtrError(f"data.tools {toolmaker.path}: the corpus ToolActor cannot answer {', '.join(bad[:8])}"
+                           f"{' ...' if len(bad) > 8 else ''}; set tools.toolactor to llm or http (a model simulates them)")
+    elif getattr(toolmaker, "backend", "") == "llm" and actor.backend == "corpus":
+        print("note: tools.toolmaker=llm with the corpus ToolActor: a made tool it cannot answer gets an "
+              "'unsupported_tool' error observation (set tools.toolactor to llm or http to simulate it)", file=sys.stderr)
 
 
 def make_toolmaker(cfg: Config, fallback: str | None = None):
@@ -82,5 +102,11 @@ def make_toolmaker(cfg: Config, fallback: str | None = None):
     offers tools uses the same ones); else the configured ToolMaker."""
     from mtr_jax.tools.toolmaker import ToolMaker, ToolSetMaker
 
-    base = ToolMaker(backend=fallback or cfg.tools.toolmaker)
+    backend = fallback or cfg.tools.toolmaker
+    llm = None
+    if backend == "llm":
+        from mtr_jax.llm import make_llm
+
+        llm = make_llm(cfg.tools)
+    base = ToolMaker(backend=backend, llm=llm, retries=cfg.tools.retries, max_tokens=cfg.tools.max_tokens)
     return ToolSetMaker(cfg.data.tools, base) if cfg.data.tools else base
