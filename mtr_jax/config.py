@@ -98,6 +98,7 @@ class ToolsConfig:
     llm_batch: int = 16  # conversations decoded together (local backend)
     constrained: bool = True  # local backend: JSON-Schema-constrained decoding (llguidance)
     max_tokens: int = 512  # reply budget per request
+    max_calls: int = 6  # AutoAgent: tool calls per trace before it is rejected as max_turns
     structured_outputs: bool = False  # the server honours response_format json_schema (vLLM, SGLang, OpenAI)
     concurrency: int = 8  # HTTP requests in flight
     http_retries: int = 2  # the openai SDK's own retries (backoff, Retry-After) per request

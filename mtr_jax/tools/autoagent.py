@@ -310,7 +310,7 @@ def _teacher_conversation(messages: list[dict], tools: list[dict]) -> list[dict]
 def cli(args) -> int:
     from mtr_jax.llm import make_llm
     from mtr_jax.progress import progress
-    from mtr_jax.train.setup import load_records_from_config, make_toolmaker
+    from mtr_jax.train.setup import check_tools, load_records_from_config, make_toolmaker
 
     cfg = args.cfg
     records = load_records_from_config(cfg, limit=args.limit)
@@ -319,9 +319,10 @@ def cli(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     maker = make_toolmaker(cfg, fallback="template")
     actor = ToolActor.from_config(cfg.tools, cache_path=cfg.tools.cache or out_dir / "tool_cache.sqlite", seed=cfg.run.seed)
+    check_tools(actor, maker)  # before any work
     teacher = make_llm(cfg.tools) if cfg.tools.autoagent == "llm" else None
     agent = AutoAgent(cfg.tools.autoagent, actor, complete=teacher, keep_metric=cfg.tools.keep_metric,
-                      keep_threshold=cfg.tools.keep_threshold, max_tokens=cfg.tools.max_tokens)
+                      keep_threshold=cfg.tools.keep_threshold, max_tokens=cfg.tools.max_tokens, max_calls=cfg.tools.max_calls)
     reasons: Counter = Counter()
     kept = 0
     batch = max(1, cfg.tools.llm_batch) if teacher is not None else 1

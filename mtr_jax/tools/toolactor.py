@@ -123,9 +123,9 @@ class ToolActor:
         self.cache = ObservationCache(cache_path) if cache_path else None
         self._lock = threading.Lock()
         self.counters = {k: 0 for k in (
-            "calls", "cache_hits", "retries", "invalid", "errors", "transient_failures", "unknown_tool",
+            "calls", "cache_hits", "bad_call", "retries", "invalid", "errors", "transient_failures", "unknown_tool",
             "bad_arguments", "valid_first_try", "valid_after_retry", "replaced_by_error", "json_repaired",
-            "answer_shown")}
+            "answer_shown", "internal_error", "corpus_answered", "deduplicated")}
 
     @classmethod
     def from_config(cls, tools_cfg, cache_path=None, llm=None, seed: int = 0, generate=None,
@@ -165,20 +165,29 @@ class ToolActor:
             try:
                 r = self._prepare(call, tools, record)
                 if isinstance(r, _Call) and self.backend == "corpus":
+                    self._count("corpus_answered")
                     r = self._finish(r, *self._produce_corpus(r))
             except Exception as e:  # last line of defence: a rollout must go on
+                self._count("internal_error")
                 r = _error("internal_error", f"the tool failed ({type(e).__name__}); try another call")
             if isinstance(r, _Call):
                 waiting.append((i, r))
             else:
                 out[i] = r
         if waiting:
+            unique: dict[str, _Call] = {}
+            for _, c in waiting:  # the same call twice in one batch is produced once
+                unique.setdefault(c.key, c)
+            self._count("deduplicated", len(waiting) - len(unique))
+            calls = list(unique.values())
             try:
-                produced = self._produce_llm([c for _, c in waiting])
+                produced = self._produce_llm(calls)
             except Exception as e:
-                produced = [(_error("internal_error", f"the tool failed ({type(e).__name__}); try another call"), False)] * len(waiting)
-            for (i, c), (obs, cacheable) in zip(waiting, produced):
-                out[i] = self._finish(c, obs, cacheable)
+                self._count("internal_error", len(calls))
+                produced = [(_error("internal_error", f"the tool failed ({type(e).__name__}); try another call"), False)] * len(calls)
+            by_key = {c.key: self._finish(c, obs, cacheable) for c, (obs, cacheable) in zip(calls, produced)}
+            for i, c in waiting:
+                out[i] = by_key[c.key]
         for obs in out:
             if not obs.ok:
                 self._count("errors")
@@ -204,6 +213,7 @@ class ToolActor:
         """-> an Observation (an error, or a cache hit) or the validated _Call to produce."""
         by_name = {t["function"]["name"]: t for t in tools or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)}
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            self._count("bad_call")
             return _error("bad_call", 'a call is {"name": <tool name>, "arguments": {...}}')
         name, args = call["name"], call.get("arguments", {})
         defn = by_name.get(name)

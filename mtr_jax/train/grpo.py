@@ -224,6 +224,8 @@ class GRPOTrainer:
             grp = rewards.reshape(-1, g.group_size)
             keep = np.repeat(~np.all(grp == grp[:, :1], axis=1), g.group_size)
         metrics = self._rollout_metrics(eps, scores, rewards)
+        if getattr(self.actor, "sees_answer", False):  # the training-time leak is on: say how often
+            metrics["tools/answer_shown"] = float(self.actor.counters["answer_shown"])
         t1 = time.perf_counter()
         upd = self._update([e for e, k in zip(eps, keep) if k], adv[keep]) if keep.any() else {"skipped_groups": 1.0}
         metrics.update(upd)
@@ -329,8 +331,6 @@ class GRPOTrainer:
         met["tool_calls"] = float(np.mean([e.counters["tool_calls"] for e in eps]))
         calls = sum(e.counters["tool_calls"] for e in eps)
         met["invalid_call_rate"] = float(sum(e.counters["invalid_calls"] for e in eps) / max(calls, 1))
-        if getattr(self.actor, "sees_answer", False):  # the training-time leak is on: say how often
-            met["tools/answer_shown"] = float(self.actor.counters["answer_shown"])
         return met
 
 
