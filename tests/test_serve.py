@@ -92,7 +92,7 @@ class Server:
         self.log.close()
 
 
-def _config(tmp_path, url, model_dir, tag) -> pathlib.Path:
+def _config(tmp_path, url, model_dir, tag, **tools) -> pathlib.Path:
     d = tmp_path / tag
     d.mkdir()
     cfg = {
@@ -101,7 +101,7 @@ def _config(tmp_path, url, model_dir, tag) -> pathlib.Path:
         "tools": {"toolmaker": "llm", "autoagent": "llm", "toolactor": "http", "base_url": url + "/v1",
                   "model_name": str(model_dir), "max_tokens": 40, "retries": 1, "backoff_s": 0.2, "http_retries": 1,
                   "timeout_s": 300, "concurrency": 20, "max_calls": 2, "keep_metric": "f1", "keep_threshold": 0.0,
-                  "http_log": str(d / "http.jsonl"), "cache": str(d / "cache.sqlite")},
+                  "http_log": str(d / "http.jsonl"), "cache": str(d / "cache.sqlite"), **tools},
     }
     path = d / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -121,8 +121,8 @@ def _requests(log: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-def _well_formed(body: dict, model: str) -> None:
-    assert body["model"] == model and body["temperature"] == 0 and body["max_tokens"] == 40
+def _well_formed(body: dict, model: str, max_tokens: int = 40) -> None:
+    assert body["model"] == model and body["temperature"] == 0 and body["max_tokens"] == max_tokens
     assert isinstance(body["messages"], list) and body["messages"]
     for m in body["messages"]:
         assert set(m) == {"role", "content"} and m["role"] in ("system", "user", "assistant"), m
@@ -167,21 +167,25 @@ def test_make_tools_and_traces_through_transformers_serve(made_tools, hf_dir):
     assert t["records"] == 20 and t["kept"] + t["rejected"] == 20 and sum(t["reasons"].values()) == t["rejected"]
     _actor_adds_up(t["actor"])
     reqs = _requests(tmp / "traces" / "http.jsonl")
-    assert len(reqs) >= 20 and all(r["ok"] for r in reqs)  # one teacher turn per record at least
+    assert len(reqs) >= 20  # one teacher turn per record at least
+    # the server up, every request answered: with text, or (a reply that is only eos) an empty one
+    assert all(r["ok"] or r["error"].startswith("empty reply") for r in reqs), [r["error"] for r in reqs if not r["ok"]]
     for r in reqs:
         _well_formed(r["request"], str(hf_dir))
     print("make-tools", json.dumps(s), "\nmake-traces", json.dumps(t))
 
 
 def test_server_killed_halfway_nothing_lost(made_tools, hf_dir):
+    """The ToolActor's side (the zero-shot 0.5B teacher above rarely calls a tool in 40 tokens):
+    oracle traces over 8 records, every call simulated by the server, which dies after 6 answers."""
     tmp, _, _, _ = made_tools
     server = Server(hf_dir, tmp / "server2.log")
-    cfg = _config(tmp, server.url, hf_dir, "killed")
+    cfg = _config(tmp, server.url, hf_dir, "killed", autoagent="oracle", max_tokens=128)
     log = tmp / "killed" / "http.jsonl"
 
-    def killer():  # kill the server once 12 requests have been answered
+    def killer():  # kill the server once 6 requests have been answered
         while server.proc.poll() is None:
-            if log.exists() and sum(1 for _ in log.open()) >= 12:
+            if log.exists() and sum(1 for line in log.open() if '"ok": true' in line) >= 6:
                 server.kill()
                 return
             time.sleep(0.2)
@@ -189,21 +193,22 @@ def test_server_killed_halfway_nothing_lost(made_tools, hf_dir):
     th = threading.Thread(target=killer, daemon=True)
     th.start()
     try:
-        t = _run(["make-traces", "--config", str(cfg)])
+        t = _run(["make-traces", "--config", str(cfg), "--limit", "8"])
     finally:
         server.kill()
         th.join(5)
-    assert t["records"] == 20 and t["kept"] + t["rejected"] == 20  # every record accounted for
+    assert t["records"] == 8 and t["kept"] + t["rejected"] == 8  # every record accounted for
     reqs = _requests(log)
     ok, failed = [r for r in reqs if r["ok"]], [r for r in reqs if not r["ok"]]
-    assert len(ok) >= 12 and failed, (len(ok), len(failed))
+    assert len(ok) >= 6 and failed, (len(ok), len(failed))
     assert all("no response" in r["error"] or "HTTP 5" in r["error"] for r in failed)
+    for r in reqs:
+        _well_formed(r["request"], str(hf_dir), max_tokens=128)
     a = t["actor"]
     _actor_adds_up(a)
-    failed_teacher = sum(v for k, v in t["reasons"].items() if k.startswith("teacher_failed"))
-    assert failed_teacher + a["replaced_by_error"] > 0  # the outage shows as failures, not as a crash
-    # nothing lost: every observation the server answered is in the cache
+    assert a["calls"] >= 8 and a["replaced_by_error"] > 0 and a["transient_failures"] > 0  # the outage, survived
+    # nothing lost: every observation the server answered validly is in the cache
     with sqlite3.connect(tmp / "killed" / "cache.sqlite") as db:
         rows = db.execute("SELECT COUNT(*) FROM observations").fetchone()[0]
-    assert rows == a["valid_first_try"] + a["valid_after_retry"]
+    assert rows == a["valid_first_try"] + a["valid_after_retry"] and rows > 0, (rows, a)
     print("killed halfway", json.dumps(t), f"requests ok={len(ok)} failed={len(failed)}")

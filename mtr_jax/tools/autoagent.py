@@ -281,12 +281,23 @@ class AutoAgent:
         return [r if r is not None else (eps[i], "", "max_turns") for i, r in enumerate(res)]
 
 
+# one worked turn pair: small teachers follow an example far better than a description
+_TEACHER_EXAMPLE = """Reply with one short turn, either a call:
+<think>I need the founder of Acme.</think>
+<tool_call>
+{"name": "search", "arguments": {"query": "Acme founder"}}
+</tool_call>
+or, once the tool responses hold the answer:
+<think>Acme was founded by Jane Roe.</think>
+<answer>Jane Roe</answer>"""
+
+
 def _teacher_conversation(messages: list[dict], tools: list[dict]) -> list[dict]:
     """The episode so far as a plain chat (any server can take it): the system prompt with the
     tools and the call format, the question, then the teacher's turns and the tool responses
     (as user turns in Qwen2.5's <tool_response> format); the teacher writes the next turn."""
     system = "\n".join([SYSTEM_PROMPT, "Tools:"] + [json.dumps(t, ensure_ascii=False) for t in for_template(tools)]
-                       + ['Call a tool as <tool_call>\n{"name": <name>, "arguments": {...}}\n</tool_call>.'])
+                       + ['Call a tool as <tool_call>\n{"name": <name>, "arguments": {...}}\n</tool_call>.', _TEACHER_EXAMPLE])
     conv = [{"role": "system", "content": system}]
     for m in messages[1:]:
         if m["role"] == "tool":

@@ -1,0 +1,92 @@
+"""Models as tools on the real dev samples: oracle + corpus against the LLM roles (the local offline
+Qwen2.5 through mtr_jax.llm), with and without constrained decoding.
+
+    python scripts/llm_roles_report.py --data ../shared/data --per-dataset 100 --out report.json
+
+Per dataset (HotpotQA, MuSiQue, 2Wiki):
+- oracle AutoAgent + corpus ToolActor: traces kept, rejected by reason;
+- ToolMaker llm: generated / valid / repaired / dropped (constrained and not);
+- oracle AutoAgent + llm ToolActor on the template tools: observations valid on the first try /
+  after a retry / replaced by an error (constrained and not), traces kept;
+- llm AutoAgent (the teacher) + corpus ToolActor: traces kept, rejected by reason;
+each with seconds per 100 records. Offline, CPU; minutes per dataset at the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+from collections import Counter
+
+from mtr_jax.data.loaders import load_records
+from mtr_jax.llm.local import LocalLLM
+from mtr_jax.tools.autoagent import AutoAgent
+from mtr_jax.tools.toolactor import ToolActor
+from mtr_jax.tools.toolmaker import ToolMaker
+
+FILES = {"hotpotqa": "hotpotqa/dev_original_format.jsonl", "musique": "musique/dev_sample.jsonl",
+         "2wikimultihopqa": "2wikimultihopqa/dev_sample.jsonl"}
+SIZES = {"hotpotqa": 100, "musique": 50, "2wikimultihopqa": 50}
+
+
+def _traces(agent, records, tool_sets, batch):
+    reasons, kept = Counter(), 0
+    for j in range(0, len(records), batch):
+        for trace, reason in agent.make_traces(records[j: j + batch], tool_sets[j: j + batch]):
+            kept += trace is not None
+            if trace is None:
+                reasons[reason] += 1
+    return {"records": len(records), "kept": kept, "rejected": dict(reasons)}
+
+
+def _per100(t0, n):
+    return round((time.perf_counter() - t0) * 100 / max(n, 1), 1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--per-dataset", type=int, default=0, help="records per dataset (0 = 100 / 50 / 50)")
+    ap.add_argument("--model", default="offline:qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--batch", type=int, default=20)
+    ap.add_argument("--out", default="llm_roles_report.json")
+    a = ap.parse_args()
+    llm = LocalLLM.load(a.model, max_len=2048, batch=a.batch, max_tokens=320)
+    report = {"model": a.model, "datasets": {}}
+    for name, rel in FILES.items():
+        records = load_records(name, str(pathlib.Path(a.data) / rel))[: a.per_dataset or SIZES[name]]
+        template = ToolMaker().make_batch(records)
+        row = {}
+        t0 = time.perf_counter()
+        row["oracle+corpus"] = _traces(AutoAgent("oracle", ToolActor("corpus")), records, template, a.batch)
+        row["oracle+corpus"]["s_per_100"] = _per100(t0, len(records))
+        for constrained in (True, False):
+            llm.constrained = constrained
+            tag = "constrained" if constrained else "free"
+            t0 = time.perf_counter()
+            maker = ToolMaker("llm", llm=llm, retries=1, max_tokens=320)
+            for j in range(0, len(records), a.batch):
+                maker.make_batch(records[j: j + a.batch])
+            row[f"toolmaker_{tag}"] = {**maker.stats.as_dict(), "s_per_100": _per100(t0, len(records))}
+            t0 = time.perf_counter()
+            actor = ToolActor("llm", llm=llm, retries=1, backoff_s=0.0, max_tokens=200)
+            res = _traces(AutoAgent("oracle", actor), records, template, a.batch)
+            c = actor.counters
+            row[f"oracle+actor_{tag}"] = {**res, "calls": c["calls"], "valid_first_try": c["valid_first_try"],
+                                           "valid_after_retry": c["valid_after_retry"],
+                                           "replaced_by_error": c["replaced_by_error"], "s_per_100": _per100(t0, len(records))}
+        llm.constrained = True
+        t0 = time.perf_counter()
+        row["teacher+corpus"] = _traces(AutoAgent("llm", ToolActor("corpus"), complete=llm, max_tokens=160, max_calls=3,
+                                                  keep_metric="em"), records, template, a.batch)
+        row["teacher+corpus"]["s_per_100"] = _per100(t0, len(records))
+        report["datasets"][name] = row
+        print(name, json.dumps(row), flush=True)
+        pathlib.Path(a.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps(llm.stats))
+
+
+if __name__ == "__main__":
+    main()
