@@ -143,7 +143,7 @@ def made_tools(hf_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve_run")
     server = Server(hf_dir, tmp / "server.log")
     try:
-        cfg = _config(tmp, server.url, hf_dir, "tools")
+        cfg = _config(tmp, server.url, hf_dir, "tools", retries=0)  # one request per record (CI time)
         s = _run(["make-tools", "--config", str(cfg)])
         yield tmp, server, cfg, s
     finally:
@@ -158,7 +158,7 @@ def test_make_tools_and_traces_through_transformers_serve(made_tools, hf_dir):
     lines = [json.loads(x) for x in (tmp / "tools.jsonl").read_text().splitlines()]
     assert len(lines) == 20 and all(len(x["tools"]) >= 2 for x in lines)  # utility tools + what survived
     reqs = _requests(tmp / "tools" / "http.jsonl")
-    assert 20 <= len(reqs) <= 40 and all(r["ok"] for r in reqs)
+    assert len(reqs) == 20 and all(r["ok"] for r in reqs)
     for r in reqs:
         _well_formed(r["request"], str(hf_dir))
 
