@@ -185,3 +185,21 @@ def test_toolmaker_batch_feedback_goes_back_in_the_same_chat():
     assert len(convs) == 2 and len(convs[0]) == 3 and len(convs[1][0]) == 3  # one batch per attempt
     assert convs[1][0][1] == {"role": "assistant", "content": "not json"} and "not a JSON list" in convs[1][0][2]["content"]
     assert maker.stats.dropped == 6
+
+
+def test_a_trace_that_does_not_render_is_skipped_and_counted(capsys):
+    from qwen_tokenizer import qwen25_tokenizer
+
+    from mtr_jax.tools.autoagent import AutoAgent
+    from mtr_jax.train.sft import traces_to_examples
+
+    rec = QARecord(id="t", question="Who founded Acme?", golds=["Jane Roe"], dataset="x",
+                   context=[Paragraph("Acme", ["Acme was founded by Jane Roe."])], supporting=[("Acme", 0)])
+    good, reason = AutoAgent("oracle", ToolActor("corpus")).make_trace(rec, template_tools("bridge"))
+    assert reason == ""
+    bad = dict(good, id="bad", messages=[{"role": "system"}])  # no content: cannot be rendered
+    examples, dropped = traces_to_examples(qwen25_tokenizer(), [good, bad, good], 4096)
+    assert len(examples) == 2 and dropped == 1
+    assert "1 of 3 traces dropped" in capsys.readouterr().err
+    with pytest.raises(MtrError, match="no valid traces"):
+        traces_to_examples(qwen25_tokenizer(), [bad], 4096)

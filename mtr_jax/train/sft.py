@@ -47,18 +47,30 @@ def read_traces(path: str) -> list[dict]:
 
 
 def traces_to_examples(tokenizer, traces: list[dict], max_len: int) -> tuple[list, int]:
-    """Render each trace to (ids, loss_mask); traces longer than max_len are dropped and counted."""
+    """Render each trace to (ids, loss_mask). A trace longer than max_len, with nothing to learn, or
+    that does not render (e.g. its turns tokenize differently from its whole text) is dropped and
+    counted, never fatal: -> (examples, dropped); the reasons are printed once."""
+    import sys
+    from collections import Counter
+
     from mtr_jax.traces.render import render_trace
 
-    examples, dropped = [], 0
+    examples, why = [], Counter()
     for t in traces:
-        ids, mask = render_trace(tokenizer, t)
+        try:
+            ids, mask = render_trace(tokenizer, t)
+        except (MtrError, KeyError, TypeError, ValueError) as e:
+            why[f"does not render ({type(e).__name__})"] += 1
+            continue
         if len(ids) > max_len or not any(mask):
-            dropped += 1
+            why[f"longer than {max_len} tokens or empty"] += 1
             continue
         examples.append((np.asarray(ids, np.int32), np.asarray(mask, np.int32)))
+    dropped = sum(why.values())
     if not examples:
-        raise MtrError(f"no valid traces to train on ({dropped} dropped: longer than {max_len} tokens or empty)")
+        raise MtrError(f"no valid traces to train on ({dropped} dropped: {dict(why)})")
+    if dropped and jax.process_index() == 0:
+        print(f"sft: {dropped} of {len(traces)} traces dropped: {dict(why)}", file=sys.stderr)
     return examples, dropped
 
 
