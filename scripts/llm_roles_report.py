@@ -62,6 +62,8 @@ def main():
         t0 = time.perf_counter()
         row["oracle+corpus"] = _traces(AutoAgent("oracle", ToolActor("corpus")), records, template, a.batch)
         row["oracle+corpus"]["s_per_100"] = _per100(t0, len(records))
+        say = lambda key: print(name, key, json.dumps(row[key]), flush=True)
+        say("oracle+corpus")
         for constrained in (True, False):
             llm.constrained = constrained
             tag = "constrained" if constrained else "free"
@@ -70,6 +72,7 @@ def main():
             for j in range(0, len(records), a.batch):
                 maker.make_batch(records[j: j + a.batch])
             row[f"toolmaker_{tag}"] = {**maker.stats.as_dict(), "s_per_100": _per100(t0, len(records))}
+            say(f"toolmaker_{tag}")
             t0 = time.perf_counter()
             actor = ToolActor("llm", llm=llm, retries=1, backoff_s=0.0, max_tokens=200)
             res = _traces(AutoAgent("oracle", actor), records, template, a.batch)
@@ -77,11 +80,13 @@ def main():
             row[f"oracle+actor_{tag}"] = {**res, "calls": c["calls"], "valid_first_try": c["valid_first_try"],
                                            "valid_after_retry": c["valid_after_retry"],
                                            "replaced_by_error": c["replaced_by_error"], "s_per_100": _per100(t0, len(records))}
+            say(f"oracle+actor_{tag}")
         llm.constrained = True
         t0 = time.perf_counter()
         row["teacher+corpus"] = _traces(AutoAgent("llm", ToolActor("corpus"), complete=llm, max_tokens=160, max_calls=3,
                                                   keep_metric="em"), records, template, a.batch)
         row["teacher+corpus"]["s_per_100"] = _per100(t0, len(records))
+        say("teacher+corpus")
         report["datasets"][name] = row
         print(name, json.dumps(row), flush=True)
         pathlib.Path(a.out).write_text(json.dumps(report, indent=1))
