@@ -58,13 +58,15 @@ class _Episode:
         self.obs_dicts: list[dict] = []
         self.errors = 0
 
-    def call(self, think: str, name: str, arguments: dict) -> dict:
+    def call(self, think: str, name: str, arguments: dict):
+        """A generator: yields the call, is sent its Observation (the driver batches the calls of
+        all episodes in a turn), returns the observation's content."""
         self.messages.append({
             "role": "assistant",
             "content": f"<think>{think}</think>",
             "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}],
         })
-        obs = self.agent.actor.observe({"name": name, "arguments": arguments}, self.tools, self.record)
+        obs = yield {"name": name, "arguments": arguments}
         text = observation_text(obs.content)
         self.messages.append({"role": "tool", "name": name, "content": text})
         self.obs_texts.append(text)
@@ -126,7 +128,7 @@ class AutoAgent:
     def make_traces(self, records: list[QARecord], tool_sets: list[list[dict]]) -> list[tuple[dict | None, str]]:
         """make_trace for a batch (the llm teacher answers the batch's episodes together)."""
         out: list = [None] * len(records)
-        todo = []
+        todo, oracle = [], []
         for i, (record, tools) in enumerate(zip(records, tool_sets)):
             names = {t["function"]["name"] for t in tools}
             if not record.golds:
@@ -136,7 +138,10 @@ class AutoAgent:
             elif not {"search", "lookup"} <= names:
                 out[i] = (None, "no_search_tools")
             else:
-                out[i] = self._keep(record, tools, *self._oracle(record, tools))
+                oracle.append(i)
+        if oracle:
+            for i, res in zip(oracle, self._run_oracle([records[i] for i in oracle], [tool_sets[i] for i in oracle])):
+                out[i] = self._keep(records[i], tool_sets[i], *res)
         if todo:
             for i, res in zip(todo, self._teacher([records[i] for i in todo], [tool_sets[i] for i in todo])):
                 out[i] = self._keep(records[i], tool_sets[i], *res)
@@ -160,21 +165,45 @@ class AutoAgent:
 
     # -- oracle -----------------------------------------------------------------------------------
 
-    def _oracle(self, record: QARecord, tools: list[dict]) -> tuple[_Episode, str, str]:
+    def _run_oracle(self, records: list[QARecord], tool_sets: list[list[dict]]) -> list[tuple[_Episode, str, str]]:
+        """The episodes' plans run in lockstep: each turn, the pending call of every live episode
+        goes to the ToolActor as one batch (one LLM batch for a model-backed actor)."""
+        plans = [self._oracle(r, t) for r, t in zip(records, tool_sets)]
+        res: list = [None] * len(plans)
+        pending: dict[int, dict] = {}
+
+        def advance(i, obs=None):
+            try:
+                pending[i] = plans[i].send(obs)
+            except StopIteration as stop:
+                res[i] = stop.value
+
+        for i in range(len(plans)):
+            advance(i)
+        while pending:
+            ids = sorted(pending)
+            calls = [pending.pop(i) for i in ids]
+            observations = self.actor.observe_batch([(c, tool_sets[i], records[i]) for i, c in zip(ids, calls)])
+            for i, obs in zip(ids, observations):
+                advance(i, obs)
+        return res
+
+    def _oracle(self, record: QARecord, tools: list[dict]):
+        """A generator (see _Episode.call) returning (episode, answer, reject reason)."""
         ep = _Episode(self, record, tools)
         if record.decomposition:
-            self._plan_decomposition(ep)
+            yield from self._plan_decomposition(ep)
         elif record.evidences:
-            self._plan_evidences(ep)
+            yield from self._plan_evidences(ep)
         elif record.supporting:
-            self._plan_supporting(ep)
+            yield from self._plan_supporting(ep)
         else:
-            ep.call("I will search for the question's key facts.", "search", {"query": _clip(record.question, 300)})
+            yield from ep.call("I will search for the question's key facts.", "search", {"query": _clip(record.question, 300)})
         return self._finish(ep)
 
     def _plan_supporting(self, ep: _Episode) -> None:
         r = ep.record
-        ep.call("I will search for the key facts in the question.", "search", {"query": _clip(r.question, 300)})
+        yield from ep.call("I will search for the key facts in the question.", "search", {"query": _clip(r.question, 300)})
         titles = list(dict.fromkeys(t for t, _ in r.supporting))
         for title in titles:
             if ep.n_calls >= self.max_calls:
@@ -185,7 +214,7 @@ class AutoAgent:
             if got:
                 continue
             why = f"The results mention {title}." if ep.seen(title) else f"I also need facts about {title}."
-            ep.call(f"{why} I will look it up.", "lookup", {"title": title})
+            yield from ep.call(f"{why} I will look it up.", "lookup", {"title": title})
 
     def _plan_decomposition(self, ep: _Episode) -> None:
         r = ep.record
@@ -197,12 +226,12 @@ class AutoAgent:
             ans = str(step.get("answer", ""))
             lead = f"Now I know {answers[-1]}. " if answers else ""
             if ep.n_calls < self.max_calls:
-                ep.call(f"{lead}Step {k + 1}: {_clip(q, 200)}", "search", {"query": _clip(q, 300)})
+                yield from ep.call(f"{lead}Step {k + 1}: {_clip(q, 200)}", "search", {"query": _clip(q, 300)})
             if ans and not ep.seen(ans):
                 idx = step.get("paragraph_support_idx")
                 if isinstance(idx, int) and 0 <= idx < len(r.context) and ep.n_calls < self.max_calls:
                     title = r.context[idx].title
-                    ep.call(f"The search did not settle it. I will look up {title}.", "lookup", {"title": title})
+                    yield from ep.call(f"The search did not settle it. I will look up {title}.", "lookup", {"title": title})
             answers.append(ans)
 
     def _plan_evidences(self, ep: _Episode) -> None:
@@ -212,14 +241,14 @@ class AutoAgent:
                 break
             if ep.seen(o):
                 continue
-            ep.call(f"I need the {rel} of {s}.", "search", {"query": _clip(f"{s} {rel}", 300)})
+            yield from ep.call(f"I need the {rel} of {s}.", "search", {"query": _clip(f"{s} {rel}", 300)})
             if not ep.seen(o) and ep.n_calls < self.max_calls:
-                ep.call(f"Not found yet. I will look up {s}.", "lookup", {"title": s})
+                yield from ep.call(f"Not found yet. I will look up {s}.", "lookup", {"title": s})
         triples = [e for e in r.evidences if len(e) == 3]
         if "compare" in ep.names and len(triples) >= 2 and ep.n_calls < self.max_calls:
             (s1, rel1, o1), (s2, rel2, o2) = triples[-2], triples[-1]
             if rel1 == rel2 and s1 != s2 and ep.seen(o1) and ep.seen(o2):
-                ep.call(f"{s1}: {rel1} {o1}. {s2}: {rel2} {o2}. I will compare them.", "compare",
+                yield from ep.call(f"{s1}: {rel1} {o1}. {s2}: {rel2} {o2}. I will compare them.", "compare",
                         {"a": _clip(o1, 100), "b": _clip(o2, 100), "relation": "later"})
 
     def _finish(self, ep: _Episode) -> tuple[_Episode, str, str]:
@@ -236,7 +265,7 @@ class AutoAgent:
             evidence = ep.evidence_for(answer)
             compared = next((o for o in reversed(ep.obs_dicts) if isinstance(o.get("result"), bool)), None)
             final = f"{evidence} " if evidence else ""
-            if compared is not None:
+            if compared is not None and "a" in compared and "b" in compared:  # a simulated compare may name them otherwise
                 verb = "is" if compared["result"] else "is not"
                 final += f"{compared['a']} {verb} later than {compared['b']}. "
             final += f"So the answer is {answer}."
@@ -336,7 +365,8 @@ def cli(args) -> int:
                       keep_threshold=cfg.tools.keep_threshold, max_tokens=cfg.tools.max_tokens, max_calls=cfg.tools.max_calls)
     reasons: Counter = Counter()
     kept = 0
-    batch = max(1, cfg.tools.llm_batch) if teacher is not None else 1
+    # records per make_traces call: a model-backed teacher or actor answers a turn's batch at once
+    batch = max(1, cfg.tools.llm_batch) if teacher is not None or actor.backend != "corpus" else 64
     bar = progress(len(records), desc="make-traces")
     with open(out, "w", encoding="utf-8") as f:
         for j in range(0, len(records), batch):
