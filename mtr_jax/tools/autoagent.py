@@ -201,7 +201,7 @@ class AutoAgent:
             yield from ep.call("I will search for the question's key facts.", "search", {"query": _clip(record.question, 300)})
         return self._finish(ep)
 
-    def _plan_supporting(self, ep: _Episode) -> None:
+    def _plan_supporting(self, ep: _Episode):  # a generator of calls (see _Episode.call)
         r = ep.record
         yield from ep.call("I will search for the key facts in the question.", "search", {"query": _clip(r.question, 300)})
         titles = list(dict.fromkeys(t for t, _ in r.supporting))
@@ -216,7 +216,7 @@ class AutoAgent:
             why = f"The results mention {title}." if ep.seen(title) else f"I also need facts about {title}."
             yield from ep.call(f"{why} I will look it up.", "lookup", {"title": title})
 
-    def _plan_decomposition(self, ep: _Episode) -> None:
+    def _plan_decomposition(self, ep: _Episode):  # a generator of calls (see _Episode.call)
         r = ep.record
         answers: list[str] = []
         for k, step in enumerate(r.decomposition):
@@ -234,7 +234,7 @@ class AutoAgent:
                     yield from ep.call(f"The search did not settle it. I will look up {title}.", "lookup", {"title": title})
             answers.append(ans)
 
-    def _plan_evidences(self, ep: _Episode) -> None:
+    def _plan_evidences(self, ep: _Episode):  # a generator of calls (see _Episode.call)
         r = ep.record
         for s, rel, o in (e for e in r.evidences if len(e) == 3):
             if ep.n_calls >= self.max_calls:
