@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--new", type=int, default=None, help="sample: new tokens per row")
             sp.add_argument("--case", choices=["decode", "prefix"], default="decode",
                             help="sample: decode throughput (default) or prefix-caching prefill")
+            sp.add_argument("--remat-policy", choices=["full", "dots", "none"], default=None,
+                            help="forward at a preset: what a layer keeps for the backward (default full; none = no remat)")
         if name == "plan":
             sp.add_argument("--stage", choices=["sft", "grpo", "both"], default="both", help="which stage(s) to plan")
             sp.add_argument("--json", action="store_true", help="print one JSON object")
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module, func, _ = COMMANDS[args.command]
+    from mtr_jax.paths import use_gcs_emulator
+
+    use_gcs_emulator()  # STORAGE_EMULATOR_HOST set: every GCS client (gcsfs, tensorstore) goes there
     try:
         if getattr(args, "config", None) is not None or args.command in CONFIG_COMMANDS:
             from mtr_jax.config import load_config

@@ -10,11 +10,10 @@ Resumable: ids already in OUT/<dataset>.jsonl are skipped on a re-run.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
-from mtr_jax.errors import MtrError
+from mtr_jax import paths
 
 
 def score_episode(e) -> dict:
@@ -47,7 +46,9 @@ def evaluate_records(run_rollout, records, batch_size: int, out_path: str | None
     """Score `records` in batches with `run_rollout(records) -> episodes`; append rows to out_path
     as they finish, and skip ids already there (resume)."""
     done: dict[str, dict] = {}
-    if out_path and os.path.exists(out_path):
+    synced = paths.SyncedFile(out_path) if out_path else None  # gs://: a local copy, synced per batch
+    out_path = synced.local if synced else None
+    if out_path and out_path.exists():
         with open(out_path) as f:
             for line in f:
                 try:
@@ -71,9 +72,12 @@ def evaluate_records(run_rollout, records, batch_size: int, out_path: str | None
                     fout.write(json.dumps(row, ensure_ascii=False) + "\n")
                     fout.flush()
             bar.update(len(chunk))
+            if synced:
+                synced.sync()
     finally:
         if fout:
             fout.close()
+            synced.sync()
         bar.close()
     return rows
 
@@ -101,14 +105,16 @@ def cli(args) -> int:
 
     from mtr_jax.sampling import Sampler, SamplingParams
     from mtr_jax.rollout.episodes import run_episodes
-    from mtr_jax.train.setup import check_tools, load_datasets, load_tokenizer, make_actor, make_toolmaker, setup_model
+    from mtr_jax.train.setup import (check_out_dir, check_tools, load_datasets, load_tokenizer, make_actor,
+                                     make_toolmaker, setup_model)
 
     cfg = args.cfg
     if args.checkpoint:
         cfg.model.init_from = args.checkpoint
     limit = args.limit if args.limit is not None else cfg.eval.limit
-    out_dir = args.out or os.path.join(cfg.run.out_dir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = args.out or paths.join(cfg.run.out_dir, "eval")  # local or gs://
+    check_out_dir(cfg, out_dir)
+    paths.makedirs(out_dir)
     tokenizer = load_tokenizer(cfg)
     datasets = load_datasets(cfg, limit=limit, on_error="skip")
     actor, toolmaker = make_actor(cfg, out_dir, for_eval=True), make_toolmaker(cfg)  # never the gold answer
@@ -126,12 +132,13 @@ def cli(args) -> int:
 
     results = {}
     for name, (records, skipped) in datasets.items():
-        rows = evaluate_records(rollout, records, e.batch_size, os.path.join(out_dir, f"{name}.jsonl"), desc=name)
+        rows = evaluate_records(rollout, records, e.batch_size, paths.join(out_dir, f"{name}.jsonl"), desc=name)
         results[name] = summarize(rows)
         results[name]["skipped_malformed"] = skipped
     results["average"] = average_row(results)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    paths.path(paths.join(out_dir, "results.json")).write_text(json.dumps(results, indent=2))
+    if actor.cache is not None:
+        actor.cache.sync()
     print(format_table(results))
     print(f"per-example JSONL and results.json in {out_dir}")
     return 0

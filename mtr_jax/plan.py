@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 import re
 import types
 

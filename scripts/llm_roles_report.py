@@ -52,11 +52,15 @@ def main():
     ap.add_argument("--model", default="offline:qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--batch", type=int, default=16, help="conversations decoded together")
     ap.add_argument("--free", action="store_true", help="also run ToolMaker and ToolActor without constrained decoding")
+    ap.add_argument("--datasets", default=",".join(FILES), help="comma-separated subset of " + ",".join(FILES))
+    ap.add_argument("--roles", default="toolmaker,actor,teacher", help="comma-separated subset of the LLM roles to run")
     ap.add_argument("--out", default="llm_roles_report.json")
     a = ap.parse_args()
     llm = LocalLLM.load(a.model, max_len=2048, batch=a.batch, max_tokens=320)
     report = {"model": a.model, "datasets": {}}
-    for name, rel in FILES.items():
+    roles = set(a.roles.split(","))
+    for name in a.datasets.split(","):
+        rel = FILES[name]
         records = load_records(name, str(pathlib.Path(a.data) / rel))[: a.per_dataset or SIZES[name]]
         template = ToolMaker().make_batch(records)
         row = report["datasets"][name] = {}
@@ -68,11 +72,14 @@ def main():
         for constrained in ((True, False) if a.free else (True,)):
             llm.constrained = constrained
             tag = "constrained" if constrained else "free"
-            t0 = time.perf_counter()
-            maker = ToolMaker("llm", llm=llm, retries=1, max_tokens=320)
-            maker.make_batch(records)
-            row[f"toolmaker_{tag}"] = {**maker.stats.as_dict(), "s_per_100": _per100(t0, len(records))}
-            say(f"toolmaker_{tag}")
+            if "toolmaker" in roles:
+                t0 = time.perf_counter()
+                maker = ToolMaker("llm", llm=llm, retries=1, max_tokens=320)
+                maker.make_batch(records)
+                row[f"toolmaker_{tag}"] = {**maker.stats.as_dict(), "s_per_100": _per100(t0, len(records))}
+                say(f"toolmaker_{tag}")
+            if "actor" not in roles:
+                continue
             t0 = time.perf_counter()
             actor = ToolActor("llm", llm=llm, retries=1, backoff_s=0.0, max_tokens=200)
             res = _traces(AutoAgent("oracle", actor), records, template)
@@ -83,11 +90,12 @@ def main():
             say(f"oracle+actor_{tag}")
             pathlib.Path(a.out).write_text(json.dumps(report, indent=1))
         llm.constrained = True
-        t0 = time.perf_counter()
-        row["teacher+corpus"] = _traces(AutoAgent("llm", ToolActor("corpus"), complete=llm, max_tokens=160, max_calls=3,
-                                                  keep_metric="em"), records, template)
-        row["teacher+corpus"]["s_per_100"] = _per100(t0, len(records))
-        say("teacher+corpus")
+        if "teacher" in roles:
+            t0 = time.perf_counter()
+            row["teacher+corpus"] = _traces(AutoAgent("llm", ToolActor("corpus"), complete=llm, max_tokens=160,
+                                                      max_calls=3, keep_metric="em"), records, template)
+            row["teacher+corpus"]["s_per_100"] = _per100(t0, len(records))
+            say("teacher+corpus")
         print(name, json.dumps(row), flush=True)
         pathlib.Path(a.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(llm.stats))

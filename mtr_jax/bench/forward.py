@@ -151,7 +151,7 @@ def run(args) -> dict:
     res: dict = {"workload": "forward", "unit": "tokens/s", "device": device}
     for dtype in dtypes:
         with matmul_precision(dtype):
-            res[dtype] = _measure(dtype, tokens, tdev, warmup, iters, preset)
+            res[dtype] = _measure(dtype, tokens, tdev, warmup, iters, preset, getattr(args, "remat_policy", None))
     res["shape"] = res[dtypes[0]].pop("shape")
     head = res[dtypes[0]]  # headline: float32 (or the one --dtype asked for); both are in the extras
     res.update(ours=head["ours"], peer=head["peer"], ratio=head["ratio"], headline_dtype=dtypes[0],
@@ -160,13 +160,16 @@ def run(args) -> dict:
     return res
 
 
-def _measure(dtype: str, tokens, tdev, warmup: int, iters: int, preset: str | None = None) -> dict:
+def _measure(dtype: str, tokens, tdev, warmup: int, iters: int, preset: str | None = None,
+             remat_policy: str | None = None) -> dict:
     BATCH, SEQ = tokens.shape
     if preset:
         from mtr_jax.bench import bench_model
 
         cfg, params, weights = bench_model(preset, "float32", dtype)
-        cfg = cfg.replace(remat=REMAT_AT_PRESET, scan_layers=REMAT_AT_PRESET)
+        policy = remat_policy or "full"
+        remat = REMAT_AT_PRESET and policy != "none"
+        cfg = cfg.replace(remat=remat, scan_layers=REMAT_AT_PRESET, remat_policy=policy if remat else "full")
     else:
         cfg = qwen2.Qwen2Config(**SHAPE, dtype=dtype, param_dtype="float32")
         # std 0.1 (not 0.02) so the loss is far from log(V) and the loss check below means something
@@ -193,5 +196,6 @@ def _measure(dtype: str, tokens, tdev, warmup: int, iters: int, preset: str | No
         "loss_abs_diff": loss_diff,
         "peer_attention": peer.attn_implementation,
         "weights": weights,
+        "remat": f"{cfg.remat_policy}" if cfg.remat else "none",
         "shape": {**{k: getattr(cfg, k) for k in SHAPE}, "batch": int(BATCH), "seq": int(SEQ)},
     }

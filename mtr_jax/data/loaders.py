@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from mtr_jax.data.records import Paragraph, QARecord
+from mtr_jax import paths
 from mtr_jax.errors import MtrError
 
 DATASETS = ("hotpotqa", "musique", "2wikimultihopqa", "bamboogle")
@@ -268,6 +269,8 @@ def iter_raw(name: str, path: str | None, split: str) -> Iterator[tuple[str, obj
 
         yield from read_tfds(name, str(path)[len("tfds:"):], split)
         return
+    if path is not None and paths.is_remote(path):  # gs://: read from a local copy (csv/json readers take files)
+        path = paths.localize(path)
     p = _hub_file(name, split) if path is None else pathlib.Path(path).expanduser()
     if not p.exists():
         raise MtrError(f"dataset file not found: {p}")

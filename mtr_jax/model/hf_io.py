@@ -24,10 +24,10 @@ import struct
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from mtr_jax import paths
 from mtr_jax.errors import MtrError
 from mtr_jax.model.qwen2 import DTYPES, Qwen2, Qwen2Config, param_specs
 
@@ -420,8 +420,10 @@ def cli_import(args) -> int:
     from mtr_jax.model import sources
     from mtr_jax.train.checkpoint import Checkpointer
 
-    out = pathlib.Path(args.out)
+    out = paths.path(args.out)  # local or gs://
     # every check before any work (and before orbax starts its threads)
+    if paths.is_remote(args.out):
+        paths.check_writable(args.out, "--out")
     if out.is_dir() and any(c.name.isdigit() for c in out.iterdir()):
         raise MtrError(f"--out {out} already holds a checkpoint; choose an empty directory")
     src = sources.resolve(args.model)
@@ -433,13 +435,16 @@ def cli_import(args) -> int:
     except MtrError as e:  # the weights are still worth importing; say so and go on
         print(f"mtr import-hf: warning: no tokenizer imported: {e}", file=sys.stderr)
         tok_dir = None
-    ntok = copy_tokenizer_files(tok_dir, out / "tokenizer") if tok_dir else 0
     meta = {"model_config": dataclasses.asdict(cfg), "source": str(args.model)}
-    if ntok:
+    if tok_dir:
         meta["tokenizer"] = "tokenizer"  # relative to the checkpoint dir
     ck = Checkpointer(out, keep=1)
     ck.save(0, {"params": params}, meta=meta, force=True)
     ck.close()
+    ntok = 0
+    if tok_dir:  # after the checkpoint: a writer's start-up clean-up on GCS removes unmarked directories
+        with paths.local_dir_for_write(out / "tokenizer") as d:
+            ntok = copy_tokenizer_files(tok_dir, d)
     n = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
     print(f"imported {args.model} -> {out} ({n / 1e6:.1f}M params, {cfg.param_dtype}{', tokenizer' if ntok else ''})")
     return 0
@@ -491,23 +496,12 @@ def cli_export(args) -> int:
         if (meta.get("lora") or {}).get("token_ids"):
             raise MtrError(f"{args.checkpoint}: this LoRA run also trained embedding/head rows (lora.trainable_tokens), "
                            "which a PEFT adapter directory here would not carry; export the merged model (drop --adapter-only)")
-        out = export_peft_adapter(params, cfg, args.out, base_name=str(base))
-        print(f"exported the LoRA adapter of {args.checkpoint} -> {out} (base: {base})")
+        with paths.local_dir_for_write(args.out) as d:
+            export_peft_adapter(params, cfg, d, base_name=str(base))
+        print(f"exported the LoRA adapter of {args.checkpoint} -> {args.out} (base: {base})")
         return 0
     tok = find_tokenizer(args.checkpoint)
-    if "://" in str(args.out):  # gs:// etc.: write locally, then upload file by file with etils
-        import tempfile
-
-        from etils import epath
-
-        with tempfile.TemporaryDirectory() as tmp:
-            export_hf(params, cfg, tmp, tokenizer=str(tok) if tok else None, dtype=args.dtype)
-            dest = epath.Path(args.out)
-            dest.mkdir(parents=True, exist_ok=True)
-            for f in pathlib.Path(tmp).iterdir():
-                (dest / f.name).write_bytes(f.read_bytes())
-        out = args.out
-    else:
-        out = export_hf(params, cfg, args.out, tokenizer=str(tok) if tok else None, dtype=args.dtype)
-    print(f"exported {args.checkpoint} -> {out}{' (with tokenizer)' if tok else ''}")
+    with paths.local_dir_for_write(args.out) as d:  # gs://: written locally, then uploaded
+        export_hf(params, cfg, d, tokenizer=str(tok) if tok else None, dtype=args.dtype)
+    print(f"exported {args.checkpoint} -> {args.out}{' (with tokenizer)' if tok else ''}")
     return 0

@@ -24,11 +24,9 @@ import json
 import pathlib
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mtr_jax.errors import MtrError

@@ -70,6 +70,10 @@ def is_spec_available(spec: str) -> bool:
     """True when `resolve(spec)` would find something without downloading (cheap check)."""
     if spec.startswith(OFFLINE_PREFIX):
         return True
+    if spec.startswith("gs://"):
+        from mtr_jax import paths
+
+        return paths.exists(spec)
     return pathlib.Path(spec).expanduser().exists()
 
 
@@ -206,8 +210,11 @@ def resolve(spec, what: str = "model") -> Source:
         raise MtrError(f"empty {what} path")
     if s.startswith(OFFLINE_PREFIX):
         return Source("gguf", offline_gguf(s[len(OFFLINE_PREFIX):]), s)
+    if s.startswith("gs://"):
+        return _resolve_remote(s, what)
     if "://" in s and not s.startswith("file://"):
-        raise MtrError(f"{s}: remote {what} paths are not supported here; use a local path, a hub id or {DEFAULT_OFFLINE}")
+        raise MtrError(f"{s}: remote {what} paths other than gs:// are not supported; use a local path, gs://, "
+                       f"a hub id or {DEFAULT_OFFLINE}")
     p = pathlib.Path(s.removeprefix("file://")).expanduser()
     if p.exists():
         if p.is_file():
@@ -225,6 +232,24 @@ def resolve(spec, what: str = "model") -> Source:
     if looks_like_hub_id(s):
         return Source("hf_dir", hub_snapshot(s, what), s)
     raise MtrError(f"{what} path not found: {s}")
+
+
+def _resolve_remote(s: str, what: str) -> Source:
+    """gs://: one of our checkpoints is read in place (orbax reads gs://); an HF directory or a
+    GGUF is copied to the local cache first (safetensors and gguf read local files)."""
+    from mtr_jax import paths
+
+    paths.use_gcs_emulator()
+    if not paths.exists(s):
+        raise MtrError(f"{what} path not found: {s}")
+    p = paths.path(s)
+    if not p.is_dir():
+        if p.name.endswith(".gguf"):
+            return Source("gguf", paths.localize(s), s)
+        raise MtrError(f"{s}: not a model (expected a .gguf file, an HF directory or a checkpoint directory)")
+    if (p / "config.json").exists():
+        return Source("hf_dir", paths.localize(s), s)
+    return Source("checkpoint", p, s)
 
 
 def _has_gguf_magic(p: pathlib.Path) -> bool:

@@ -25,6 +25,19 @@ def _multi_host_env() -> bool:
     return False
 
 
+def spans_machines() -> bool:
+    """True when the environment says this run's processes are on more than one machine (a pod
+    slice's worker list, SLURM nodes, or a coordinator that is not this machine's loopback); then
+    a local output directory would be split across their disks."""
+    env = os.environ
+    hosts = {h.strip() for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()}
+    if len(hosts) > 1 or int(env.get("SLURM_JOB_NUM_NODES", "1") or 1) > 1:
+        return True
+    addr = env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS") or ""
+    host = addr.rsplit(":", 1)[0].strip("[]")
+    return bool(host) and host not in ("127.0.0.1", "localhost", "::1")
+
+
 def maybe_initialize_distributed(force: bool = False) -> bool:
     """Initialise once when multi-host; returns True when jax.distributed is (now) initialised.
 

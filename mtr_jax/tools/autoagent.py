@@ -22,12 +22,12 @@ Trace JSON is the shared format (see traces.render): {"id", "dataset", "question
 from __future__ import annotations
 
 import json
-import pathlib
 import re
 import sys
 from collections import Counter
 from mtr_jax import rewards
 from mtr_jax.data.records import QARecord
+from mtr_jax import paths
 from mtr_jax.errors import MtrError
 from mtr_jax.llm import as_llm
 from mtr_jax.tools.schema import for_template
@@ -354,11 +354,10 @@ def cli(args) -> int:
 
     cfg = args.cfg
     records = load_records_from_config(cfg, limit=args.limit)
-    out_dir = pathlib.Path(cfg.run.out_dir)
-    out = pathlib.Path(args.out or cfg.data.traces or out_dir / "traces.jsonl")
+    out = paths.path(args.out or cfg.data.traces or paths.join(cfg.run.out_dir, "traces.jsonl"))  # local or gs://
     out.parent.mkdir(parents=True, exist_ok=True)
     maker = make_toolmaker(cfg, fallback="template")
-    actor = ToolActor.from_config(cfg.tools, cache_path=cfg.tools.cache or out_dir / "tool_cache.sqlite", seed=cfg.run.seed)
+    actor = ToolActor.from_config(cfg.tools, cache_path=cfg.tools.cache or paths.join(cfg.run.out_dir, "tool_cache.sqlite"), seed=cfg.run.seed)
     check_tools(actor, maker)  # before any work
     teacher = make_llm(cfg.tools) if cfg.tools.autoagent == "llm" else None
     agent = AutoAgent(cfg.tools.autoagent, actor, complete=teacher, keep_metric=cfg.tools.keep_metric,
@@ -368,7 +367,7 @@ def cli(args) -> int:
     # records per make_traces call: a model-backed teacher or actor answers a turn's batch at once
     batch = max(1, cfg.tools.llm_batch) if teacher is not None or actor.backend != "corpus" else 64
     bar = progress(len(records), desc="make-traces")
-    with open(out, "w", encoding="utf-8") as f:
+    with out.open("w", encoding="utf-8") as f:
         for j in range(0, len(records), batch):
             chunk = records[j: j + batch]
             for trace, reason in agent.make_traces(chunk, [maker.make(r) for r in chunk]):
@@ -382,5 +381,7 @@ def cli(args) -> int:
     bar.close()
     summary = {"records": len(records), "kept": kept, "rejected": sum(reasons.values()), "reasons": dict(reasons),
                "kept_share": round(kept / max(1, len(records)), 4), "actor": dict(actor.counters), "out": str(out)}
+    if actor.cache is not None:
+        actor.cache.sync()  # a gs:// tool cache goes home
     print(json.dumps(summary), file=sys.stdout)
     return 0

@@ -2,6 +2,8 @@
 
 WAL journal and one committed transaction per write, so a killed process leaves a consistent
 database (SQLite's atomic commit); re-runs read the same observations back, deterministic and cheap.
+A `gs://` cache is a local working copy (SQLite needs a local file), copied home by `sync()` (GRPO
+calls it at every checkpoint; `close()` does it at the end).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ def _as_stored(content: dict) -> str:
 
 class ObservationCache:
     def __init__(self, path: str | pathlib.Path):
-        self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        from mtr_jax.paths import SyncedFile
+
+        self._file = SyncedFile(path)
+        self.path = self._file.local
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30.0, isolation_level=None)
@@ -59,6 +63,12 @@ class ObservationCache:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM observations").fetchone()[0]
 
+    def sync(self) -> None:
+        """Copy a remote cache's local working copy home (a WAL checkpoint first: one file holds it all)."""
+        with self._lock:
+            self._file.sync(lambda: self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+
     def close(self) -> None:
+        self.sync()
         with self._lock:
             self._db.close()

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any, Callable, TypeVar
 
+from mtr_jax import paths
 from mtr_jax.errors import MtrError
 
 T = TypeVar("T")
@@ -16,11 +16,11 @@ def read_jsonl(path, parse: Callable[[Any], T], *, key: str, expected: str, hint
     """`parse` of each non-blank line's JSON value. MtrError "<key>: file not found: <path><hint>" for a
     missing file; "<path> line <i>: expected <expected>" when a line is not JSON or `parse` raises
     ValueError, KeyError or TypeError on it."""
-    p = pathlib.Path(path)
-    if not p.exists():
+    p = paths.path(path)  # local or gs://
+    if not paths.exists(p):
         raise MtrError(f"{key}: file not found: {p}{hint}")
     out = []
-    with open(p, encoding="utf-8") as f:
+    with p.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import copy
 import json
-import pathlib
 import re
 import sys
 import time
 from dataclasses import dataclass, field
 
 from mtr_jax.data.records import QARecord
+from mtr_jax import paths
 from mtr_jax.errors import MtrError
 from mtr_jax.llm import as_llm
 from mtr_jax.tools.json_extract import extract_json
@@ -366,14 +366,14 @@ def cli(args) -> int:
 
     cfg = args.cfg
     records = load_records_from_config(cfg, limit=args.limit)
-    out = pathlib.Path(args.out or cfg.data.tools or pathlib.Path(cfg.run.out_dir) / "tools.jsonl")
+    out = paths.path(args.out or cfg.data.tools or paths.join(cfg.run.out_dir, "tools.jsonl"))  # local or gs://
     out.parent.mkdir(parents=True, exist_ok=True)
     llm = make_llm(cfg.tools) if cfg.tools.toolmaker == "llm" else None
     maker = ToolMaker(cfg.tools.toolmaker, llm=llm, retries=cfg.tools.retries, max_tokens=cfg.tools.max_tokens)
     batch = max(1, cfg.tools.llm_batch)
     bar = progress(len(records), desc="make-tools")
     t0 = time.perf_counter()
-    with open(out, "w", encoding="utf-8") as f:
+    with out.open("w", encoding="utf-8") as f:
         for j in range(0, len(records), batch):
             chunk = records[j: j + batch]
             for r, tools in zip(chunk, maker.make_batch(chunk)):

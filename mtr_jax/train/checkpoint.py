@@ -18,12 +18,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from mtr_jax import paths
 from mtr_jax.errors import MtrError
 
 
@@ -53,14 +55,23 @@ class Checkpointer:
     `restore(step=None, target=None) -> (state, meta)`; `latest_step()`; `wait()`; `close()`."""
 
     def __init__(self, directory, keep: int | None = 3, async_save: bool = True, read_only: bool = False):
-        self.directory = pathlib.Path(directory).expanduser().absolute()
+        self.directory = paths.path(directory)  # local or gs:// (orbax takes epath)
         # a writer removes tmp dirs left by a killed save; a reader must not (a live run may own them)
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only,  # (orbax's own read_only mode logs warnings)
         )
         self._opts = opts
-        self._mngr = ocp.CheckpointManager(self.directory, options=opts)
+        registry = None
+        if paths.is_remote(directory) and os.environ.get("STORAGE_EMULATOR_HOST"):
+            # a GCS emulator ignores generation preconditions, which OCDBT's manifest writes rely on
+            # (seen: hangs and "Malformed StorageGeneration"); real GCS keeps orbax's default, OCDBT
+            registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+            arrays, js = ocp.StandardCheckpointHandler(use_ocdbt=False), ocp.JsonCheckpointHandler()
+            for args_type, h in ((ocp.args.StandardSave, arrays), (ocp.args.StandardRestore, arrays),
+                                 (ocp.args.JsonSave, js), (ocp.args.JsonRestore, js)):
+                registry.add(None, args_type, h)
+        self._mngr = ocp.CheckpointManager(self.directory, options=opts, handler_registry=registry)
 
     # -- saving --------------------------------------------------------------------------------
 
@@ -192,10 +203,10 @@ def _join_keys(tree, impls):
 # Params + model config from any of our checkpoint dirs (import-hf output or a training run).
 
 
-def resolve_root(path) -> pathlib.Path:
-    """The orbax root for `path`: the dir itself, its `checkpoints/` (a run dir)."""
-    p = pathlib.Path(path).expanduser().absolute()
-    if not p.exists():
+def resolve_root(path):
+    """The orbax root for `path` (local or gs://): the dir itself, its `checkpoints/` (a run dir)."""
+    p = paths.path(path)
+    if not paths.exists(p):
         raise MtrError(f"checkpoint directory not found: {p}")
     if not p.is_dir():
         raise MtrError(f"checkpoint path is not a directory: {p}")
@@ -214,7 +225,7 @@ def _root_and_step(path, step):
 def load_params(ckpt_dir, mesh=None, step: int | None = None, dtype: str | None = None):
     """-> (params, Qwen2Config) from the latest (or given) step, placed with
     `param_shardings(cfg, mesh)` (or on one device). `dtype` casts the stored params."""
-    from mtr_jax.model.qwen2 import Qwen2Config, param_specs
+    from mtr_jax.model.qwen2 import param_specs
 
     root, step = _root_and_step(ckpt_dir, step)
     ck = Checkpointer(root, keep=None, read_only=True)
@@ -248,7 +259,6 @@ def _load_lora(root, step, meta, cfg, mesh, dtype):
     return base + adapters in one params tree (the model applies them; export merges them)."""
     from mtr_jax.model import lora
     from mtr_jax.model.hf_io import load_hf_params
-    from mtr_jax.model.qwen2 import param_specs
 
     ls = meta["lora"]
     if not meta.get("base"):
@@ -309,17 +319,21 @@ def _is_spec(x):
 
 
 def find_tokenizer(ckpt_dir) -> pathlib.Path | None:
-    """The tokenizer dir recorded in a checkpoint's meta (relative to its root), if any."""
+    """The tokenizer dir recorded in a checkpoint's meta (relative to its root), if any; a local
+    copy when the checkpoint is on gs:// (tokenizers read local files)."""
     root, step = _root_and_step(ckpt_dir, None)
     ck = Checkpointer(root, keep=None, read_only=True)
     try:
         meta = ck.meta(step)
     finally:
         ck.close()
-    for cand in (meta.get("tokenizer"), "tokenizer"):
+    # meta's own entry; DIR/tokenizer (import-hf, older runs); RUN_DIR/tokenizer (a run dir's checkpoints/ root)
+    for cand in (meta.get("tokenizer"), "tokenizer", "../tokenizer"):
         if cand:
-            p = pathlib.Path(cand)
-            p = p if p.is_absolute() else root / p
+            if paths.is_remote(cand) or pathlib.Path(cand).is_absolute():
+                p = paths.path(cand)
+            else:
+                p = root.parent / "tokenizer" if cand == "../tokenizer" else root / cand
             if (p / "tokenizer_config.json").exists() or (p / "tokenizer.json").exists():
-                return p
+                return paths.localize(p)
     return None

@@ -10,8 +10,6 @@ is logged every step (`logprob_gap`): a silent mismatch is how GRPO collapses.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
 
 import jax
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtr_jax.config import Config
+from mtr_jax import paths
 from mtr_jax.errors import MtrError
 from mtr_jax.model import lora
 from mtr_jax.train import losses
@@ -345,14 +344,14 @@ def train_grpo(cfg: Config, model_cfg, params, tokenizer, records, actor, toolma
     tr = GRPOTrainer(cfg, model_cfg, params, tokenizer, records, actor, toolmaker, mesh=mesh)
     it = question_batches(records, batch_size=g.batch_size, seed=cfg.run.seed,
                           shard_index=jax.process_index(), shard_count=jax.process_count())
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.run.keep_checkpoints)
+    ckpt = Checkpointer(paths.join(run_dir, "checkpoints"), keep=cfg.run.keep_checkpoints)
     key = jax.random.PRNGKey(cfg.run.seed)
     start = 0
     if resume:
         latest = ckpt.latest_step()
         if latest is None:
-            raise MtrError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}")
-        lora.check_resume(cfg.lora, ckpt.meta(latest), os.path.join(run_dir, "checkpoints"), tr.token_ids)
+            raise MtrError(f"--resume: no checkpoint in {paths.join(run_dir, 'checkpoints')}")
+        lora.check_resume(cfg.lora, ckpt.meta(latest), paths.join(run_dir, "checkpoints"), tr.token_ids)
         target = {"params": tr.params, "opt_state": tr.opt_state, "key": key}
         if tr.ref_params is not None:
             target["ref_params"] = tr.ref_params
@@ -380,27 +379,35 @@ def train_grpo(cfg: Config, model_cfg, params, tokenizer, records, actor, toolma
             if tr.ref_params is not None:
                 state["ref_params"] = tr.ref_params
             ckpt.save(step, state, meta=checkpoint_meta(cfg, tr.model_cfg, step, it.get_state(), tr.token_ids))
+            logger.sync()  # a gs:// run's metrics and tool cache go home with each checkpoint
+            if getattr(actor, "cache", None) is not None:
+                actor.cache.sync()
     ckpt.wait()
     ckpt.close()
     bar.close()
     logger.close()
+    if getattr(actor, "cache", None) is not None:
+        actor.cache.sync()
     return tr.policy()
 
 
 def cli(args) -> int:
-    from mtr_jax.train.setup import (check_tools, load_records_from_config, load_tokenizer, make_actor, make_toolmaker,
-                                     setup_model)
+    from mtr_jax.train.setup import (check_out_dir, check_tools, load_records_from_config, load_tokenizer, make_actor,
+                                     make_toolmaker, setup_model)
 
     cfg: Config = args.cfg
     lora.validate(cfg.lora)  # before any work
+    check_out_dir(cfg)
     tokenizer = load_tokenizer(cfg)
     records = load_records_from_config(cfg)
     actor, toolmaker = make_actor(cfg), make_toolmaker(cfg)
     check_tools(actor, toolmaker)
     mesh, model_cfg, params = setup_model(cfg)
     print(f"grpo: {len(records)} questions, {cfg.grpo.steps} steps x {cfg.grpo.batch_size}x{cfg.grpo.group_size} -> {cfg.run.out_dir}")
-    if jax.process_index() == 0:  # next to the checkpoints, so export-hf / eval find it
-        tokenizer.save_pretrained(os.path.join(cfg.run.out_dir, "checkpoints", "tokenizer"))
+    if jax.process_index() == 0:  # RUN_DIR/tokenizer, next to checkpoints/ (export-hf / eval find it there);
+        # not inside it: on GCS orbax deletes any directory there without its commit marker
+        with paths.local_dir_for_write(paths.join(cfg.run.out_dir, "tokenizer")) as d:
+            tokenizer.save_pretrained(str(d))
     train_grpo(cfg, model_cfg, params, tokenizer, records, actor, toolmaker, cfg.run.out_dir, mesh=mesh,
                resume=args.resume)
     return 0

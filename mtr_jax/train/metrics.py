@@ -4,7 +4,9 @@ Only process 0 writes (multi-host). A resumed run appends; lines of steps past t
 (written after the last checkpoint of a killed run) are dropped so every step appears once. A
 fresh run (no resume) drops the old lines of the stage it logs (an earlier run of that stage in
 the same directory) and keeps the others (an SFT run's lines when GRPO follows in its directory),
-so two runs' curves are never mixed.
+so two runs' curves are never mixed. On gs:// the file is a local working copy (GCS objects cannot
+be appended to), copied home by `sync()` (at every checkpoint) and `close()`; lines past the last
+sync belong to steps a resumed run repeats anyway.
 """
 
 from __future__ import annotations
@@ -13,18 +15,20 @@ import json
 import math
 
 import jax
-from etils import epath
+
+from mtr_jax import paths
 
 
 class MetricsLogger:
     def __init__(self, run_dir: str, resume_step: int | None = None, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
-        run = epath.Path(run_dir)  # local or gs://
-        self.path = run / "metrics.jsonl"
         self.tb = None
         if not self.enabled:
             return
-        run.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(run_dir)
+        self._file = paths.SyncedFile(paths.join(run_dir, "metrics.jsonl"))  # local or gs://
+        self.path = self._file.local
+        self._tb_home = paths.join(run_dir, "tb") if paths.is_remote(run_dir) else None
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
         self.fresh = resume_step is None
@@ -34,7 +38,7 @@ class MetricsLogger:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(run / "tb"))
+                self.tb = SummaryWriter(str(self.path.parent / "tb") if self._tb_home else paths.join(run_dir, "tb"))
             except Exception:  # TensorBoard is a mirror; JSONL is the record
                 self.tb = None
 
@@ -77,11 +81,28 @@ class MetricsLogger:
         self.f.write(json.dumps(rec) + "\n")
         self.f.flush()
 
+    def sync(self) -> None:
+        """Copy a gs:// run's metrics (and TensorBoard events) home; nothing to do for a local run."""
+        if not self.enabled or not self._file.remote:
+            return
+        self.f.flush()
+        self._file.sync()
+        if self.tb is not None:
+            self.tb.flush()
+            tb = self.path.parent / "tb"
+            if tb.is_dir():
+                paths._upload_tree(tb, paths.path(self._tb_home))
+
     def close(self) -> None:
         if self.enabled:
-            self.f.close()
             if self.tb is not None:
                 self.tb.close()
+            self.f.close()
+            if self._file.remote:
+                self._file.sync()
+                tb = self.path.parent / "tb"
+                if tb.is_dir():
+                    paths._upload_tree(tb, paths.path(self._tb_home))
 
 
 def _stage_of(line: str):

@@ -5,11 +5,10 @@ Every CLI subcommand that trains or evaluates goes through these, so each piece 
 
 from __future__ import annotations
 
-import os
-import pathlib
 
 import jax
 
+from mtr_jax import paths
 from mtr_jax.config import Config
 from mtr_jax.errors import MtrError
 
@@ -34,6 +33,20 @@ def load_tokenizer(cfg: Config):
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # transformers raises many kinds for a bad directory
         raise MtrError(f"{key}: cannot load a tokenizer from {path} ({type(e).__name__})") from None
+
+
+def check_out_dir(cfg: Config, out_dir: str | None = None) -> None:
+    """Before any work: a gs:// output must be reachable and its bucket must exist; a multi-host
+    run must write to shared storage (each host's local disk would hold a part of the run)."""
+    out = out_dir or cfg.run.out_dir
+    if paths.is_remote(out):
+        paths.check_writable(out, "run.out_dir" if out_dir is None else "output")
+        return
+    from mtr_jax.parallel.distributed import spans_machines
+
+    if spans_machines():
+        raise MtrError(f"run.out_dir {out}: a multi-host run needs shared storage (gs://BUCKET/...), "
+                       "not a local directory each host would write on its own")
 
 
 def setup_model(cfg: Config):
@@ -75,8 +88,8 @@ def make_actor(cfg: Config, out_dir: str | None = None, for_eval: bool = False):
     whatever `tools.actor_sees_answer` says."""
     from mtr_jax.tools.toolactor import ToolActor
 
-    cache = cfg.tools.cache or os.path.join(out_dir or cfg.run.out_dir, "tool_cache.sqlite")
-    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+    # local or gs:// (a gs:// cache is a local working copy synced home at checkpoints: tools/cache.py)
+    cache = cfg.tools.cache or paths.join(out_dir or cfg.run.out_dir, "tool_cache.sqlite")
     return ToolActor.from_config(cfg.tools, cache, seed=cfg.run.seed, sees_answer=False if for_eval else None)
 
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mtr_jax.config import Config
+from mtr_jax import paths
 from mtr_jax.errors import MtrError
 from mtr_jax.model import lora
 from mtr_jax.train import losses
@@ -29,10 +28,10 @@ from mtr_jax.train.step import make_train_step, put_micro_batches, split_micro
 
 
 def read_traces(path: str) -> list[dict]:
-    if not path or not os.path.exists(path):
+    if not path or not paths.exists(path):
         raise MtrError(f"traces file not found: {path or '(data.traces is empty)'}")
     out = []
-    with open(path) as f:
+    with paths.path(path).open() as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -139,15 +138,15 @@ def train_sft(
     else:
         it = sft_batches(examples, seq_len=s.seq_len, batch_size=s.batch_size, seed=cfg.run.seed,
                          shard_index=jax.process_index(), shard_count=jax.process_count())
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.run.keep_checkpoints)
+    ckpt = Checkpointer(paths.join(run_dir, "checkpoints"), keep=cfg.run.keep_checkpoints)
     start = 0
     if resume:
         latest = ckpt.latest_step()
         if latest is None:
-            raise MtrError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}")
+            raise MtrError(f"--resume: no checkpoint in {paths.join(run_dir, 'checkpoints')}")
         target = {"params": params, "opt_state": opt_state}
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-        lora.check_resume(cfg.lora, ckpt.meta(latest), os.path.join(run_dir, "checkpoints"), token_ids)
+        lora.check_resume(cfg.lora, ckpt.meta(latest), paths.join(run_dir, "checkpoints"), token_ids)
         state, meta = ckpt.restore(latest, target=abstract)
         params, opt_state = state["params"], state["opt_state"]
         it.set_state(meta["data_state"])
@@ -186,6 +185,7 @@ def train_sft(
             return (lora.with_adapters(frozen[0], params, token_ids) if frozen else params), metrics
         if step % cfg.run.checkpoint_every == 0 or step == s.steps:
             ckpt.save(step, {"params": params, "opt_state": opt_state}, meta=checkpoint_meta(cfg, model_cfg, step, it.get_state(), token_ids))
+            logger.sync()  # a gs:// run's metrics go home with each checkpoint
     ckpt.wait()
     ckpt.close()
     bar.close()
@@ -200,17 +200,20 @@ def _progress(total, start, desc, enabled):
 
 
 def cli(args) -> int:
-    from mtr_jax.train.setup import load_tokenizer, setup_model
+    from mtr_jax.train.setup import check_out_dir, load_tokenizer, setup_model
 
     cfg: Config = args.cfg
     lora.validate(cfg.lora)  # before any work
+    check_out_dir(cfg)
     traces = read_traces(cfg.data.traces)
     tokenizer = load_tokenizer(cfg)
     examples, dropped = traces_to_examples(tokenizer, traces, cfg.sft.seq_len)
     mesh, model_cfg, params = setup_model(cfg)
     print(f"sft: {len(examples)} traces ({dropped} dropped), {cfg.sft.steps} steps -> {cfg.run.out_dir}")
-    if jax.process_index() == 0:  # next to the checkpoints, so export-hf / eval find it
-        tokenizer.save_pretrained(os.path.join(cfg.run.out_dir, "checkpoints", "tokenizer"))
+    if jax.process_index() == 0:  # RUN_DIR/tokenizer, next to checkpoints/ (export-hf / eval find it there);
+        # not inside it: on GCS orbax deletes any directory there without its commit marker
+        with paths.local_dir_for_write(paths.join(cfg.run.out_dir, "tokenizer")) as d:
+            tokenizer.save_pretrained(str(d))
     token_ids = lora.resolve_tokens(cfg.lora, tokenizer) if cfg.lora.enabled else ()
     if token_ids and cfg.lora.token_init == "pieces" and not args.resume:
         params = lora.init_rows_from_pieces(params, tokenizer, token_ids)
