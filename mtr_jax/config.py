@@ -117,6 +117,8 @@ class OptimConfig:
     b2: float = 0.95
     clip_norm: float = 1.0
     schedule: str = "cosine"  # cosine | constant
+    # AdamW's first moment: float32, or bfloat16 to save 2 bytes a parameter (the second moment stays float32)
+    mu_dtype: str = "float32"
 
 
 @dataclass

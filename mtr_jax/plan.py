@@ -4,8 +4,8 @@ What is counted (bytes per device, under the config's mesh and the sharding rule
 `parallel/rules.py`, i.e. exactly how the trainers place arrays):
 
 - parameters: every weight in `model.param_dtype`, sharded over fsdp x tensor where it divides.
-- optimizer state: AdamW as built by `train/optim.py` -- first moment in float32, second moment in
-  the param dtype (optax keeps `nu` like the params); the params themselves are the master weights.
+- optimizer state: AdamW as built by `train/optim.py` -- first moment in float32 (bfloat16 with
+  `optim.mu_dtype`), second moment in the param dtype (optax keeps `nu` like the params); the params themselves are the master weights.
 - gradients + update temporaries: the float32 gradient accumulator of `train/step.py`, one
   micro-batch's gradients (param dtype) and optax's float32 update tree.
 - reference model: a second copy of the parameters when `grpo.beta > 0`.
@@ -251,6 +251,8 @@ def estimate(cfg, mcfg, mesh_sizes: tuple[int, int, int], stage: str) -> dict:
     pb = _DTYPE_BYTES[mcfg.param_dtype]
     cb = _DTYPE_BYTES[mcfg.dtype]
     n_total, n_dev = param_elems_per_device(mcfg, mesh_sizes)
+    optim = getattr(getattr(cfg, stage, None), "optim", None)
+    mu_b = 2 if getattr(optim, "mu_dtype", "float32") == "bfloat16" else 4  # AdamW's first moment
     lc = getattr(cfg, "lora", None)
     n_train = n_dev  # what the optimiser updates
     params_bytes = n_dev * pb
@@ -264,7 +266,7 @@ def estimate(cfg, mcfg, mesh_sizes: tuple[int, int, int], stage: str) -> dict:
         pb = 4  # the adapters
     out = {
         "params": params_bytes,
-        "optimizer": n_train * (4 + pb),
+        "optimizer": n_train * (mu_b + pb),
         "gradients": n_train * (4 + pb + 4),
         "reference": 0.0,
         "kv_cache": 0.0,

@@ -262,3 +262,23 @@ def test_lora_sft_estimate_matches_compiled_memory(quant):
                                 "model.arch.intermediate_size": 1024, "model.arch.num_hidden_layers": 4}), mcfg, (1, 1, 1), "sft")
     assert est["optimizer"] < 0.2 * full_est["optimizer"] and est["params"] < full_est["params"]
     assert abs(est["peak"] - measured) / measured < 0.25, (est["peak"] / 2**20, measured / 2**20)
+
+
+def test_bfloat16_first_moment_is_what_the_plan_counts():
+    """`optim.mu_dtype: bfloat16`: optax holds AdamW's mu in bfloat16 (nu stays float32) and the plan
+    counts 2 + 4 bytes a parameter for the optimizer instead of 4 + 4; a bad value is refused."""
+    import jax
+    import jax.numpy as jnp
+
+    from mtr_jax.train.optim import make_optimizer
+
+    f32, bf16 = _cfg(), _cfg(**{"sft.optim.mu_dtype": "bfloat16"})
+    params = {"w": jnp.zeros((8, 8), jnp.float32)}
+    state = jax.eval_shape(make_optimizer(bf16.sft.optim, 10)[0].init, params)
+    adam = [s for s in jax.tree_util.tree_leaves(state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")][0]
+    assert adam.mu["w"].dtype == jnp.bfloat16 and adam.nu["w"].dtype == jnp.float32
+    mcfg = model_config(f32)
+    a, b = estimate(f32, mcfg, (1, 1, 1), "sft")["optimizer"], estimate(bf16, mcfg, (1, 1, 1), "sft")["optimizer"]
+    assert b == pytest.approx(a * 6 / 8)
+    with pytest.raises(MtrError, match="mu_dtype"):
+        make_optimizer(_cfg(**{"sft.optim.mu_dtype": "float16"}).sft.optim, 10)

@@ -371,3 +371,33 @@ def test_cli_missing_checkpoint_and_no_traces(tmp_path):
     assert r.returncode == 2 and "t.jsonl:1" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = _mtr("export-hf", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "hf"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_non_finite_step_leaves_params_and_optimizer_state_untouched():
+    """A NaN loss (or gradient) is a skipped step: params and AdamW state bitwise as before,
+    `skipped` = 1; the next finite step updates as usual."""
+    import jax.numpy as jnp
+
+    from mtr_jax.config import OptimConfig
+    from mtr_jax.train.optim import make_optimizer
+    from mtr_jax.train.step import make_train_step
+
+    tx, _ = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"), 10)
+
+    def loss_num(p, mb):
+        return jnp.sum((p["w"] * mb["x"]) ** 2) * mb["scale"][0], {}
+
+    step = make_train_step(loss_num, lambda b: jnp.float32(1.0), tx, donate=False)
+    params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    opt = tx.init(params)
+    good = {"x": jnp.ones((1, 2, 3)), "scale": jnp.ones((1, 1))}
+    params, opt, m = step(params, opt, good)
+    assert float(m["skipped"]) == 0.0
+    before = [np.asarray(x).copy() for x in jax.tree_util.tree_leaves((params, opt))]
+    bad = {"x": jnp.ones((1, 2, 3)), "scale": jnp.full((1, 1), jnp.nan)}
+    p2, o2, m = step(params, opt, bad)
+    assert float(m["skipped"]) == 1.0
+    after = [np.asarray(x) for x in jax.tree_util.tree_leaves((p2, o2))]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    p3, _, m = step(p2, o2, good)
+    assert float(m["skipped"]) == 0.0 and not np.array_equal(np.asarray(p3["w"]), before[0])

@@ -34,6 +34,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA on all projections, bf16 frozen base")
     ap.add_argument("--int8", action="store_true", help="with --lora-rank: QLoRA (int8 base)")
+    ap.add_argument("--mu-dtype", default="float32", help="AdamW first moment: float32 | bfloat16")
     a = ap.parse_args(argv)
 
     from mtr_jax.bench import bench_model
@@ -52,7 +53,7 @@ def main(argv=None) -> dict:
         lc = LoraConfig(enabled=True, rank=a.lora_rank, base_quant="int8" if a.int8 else "none")
         cfg, base, params = lora.prepare(lc, cfg, params)
         frozen = (base,)
-    tx, _ = make_optimizer(OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"), 10)
+    tx, _ = make_optimizer(OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant", mu_dtype=a.mu_dtype), 10)
     opt_state = jax.jit(tx.init)(params)
 
     def loss_num(p, mb, *base):
@@ -92,6 +93,8 @@ def main(argv=None) -> dict:
     out = {
         "workload": "sft_step", "preset": a.preset, "weights": weights, "batch": B, "seq": T, "dtype": a.dtype,
         "lora_rank": a.lora_rank, "int8_base": a.int8, "remat": a.remat, "attention_block": a.attention_block, "label_share": round(float(lm.mean()), 3),
+        "mu_dtype": a.mu_dtype, "xla": {k: round(getattr(ma, k) / 1e9, 2) for k in (
+            "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")},
         "step_s": round(step_s, 3), "tokens_per_s": round(B * T / step_s, 1),
         "peak_rss_GB": round(peak / 1e9, 2), "xla_step_peak_GB": round(xla_peak / 1e9, 2), "compile_s": round(compile_s, 1), "losses": [round(x, 4) for x in losses_seen],
         "device": str(jax.devices()[0]),

@@ -23,12 +23,15 @@ def learning_rate(cfg: OptimConfig, total_steps: int):
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int):
-    """Returns (optax transformation, schedule). Moments live in float32 whatever the param dtype."""
+    """Returns (optax transformation, schedule). Moments live in float32 whatever the param dtype
+    (the first in bfloat16 with `optim.mu_dtype: bfloat16`)."""
     if cfg.lr <= 0:
         raise MtrError(f"optim.lr={cfg.lr}: must be > 0")
+    if cfg.mu_dtype not in ("float32", "bfloat16"):
+        raise MtrError(f"optim.mu_dtype={cfg.mu_dtype!r}: expected float32 or bfloat16")
     sched = learning_rate(cfg, total_steps)
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity(),
-        optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mu_dtype="float32"),
+        optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mu_dtype=cfg.mu_dtype),
     )
     return tx, sched

@@ -47,12 +47,16 @@ def make_train_step(loss_num, denom_fn, tx, donate: bool = True):
             (grads, loss, aux), _ = jax.lax.scan(micro, (zeros, jnp.float32(0.0), aux0), batches)
         gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        grads = jax.tree_util.tree_map(lambda g: jnp.where(ok, g, 0.0), grads)
-        updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jnp.where(ok, new, old)
-        new_params = jax.tree_util.tree_map(lambda n, o: keep(n, o).astype(o.dtype), new_params, params)
-        new_opt = jax.tree_util.tree_map(keep, new_opt, opt_state)
+        # a non-finite step keeps params and optimiser state as they were. A branch, not
+        # `where(ok, new, old)` over every leaf: that keeps the old and the new state alive together
+        def apply(operands):
+            g, o, p = operands
+            updates, new_o = tx.update(g, o, p)
+            new_p = optax.apply_updates(p, updates)
+            return jax.tree_util.tree_map(lambda n, old: n.astype(old.dtype), new_p, p), new_o
+
+        new_params, new_opt = jax.lax.cond(ok, apply, lambda operands: (operands[2], operands[1]),
+                                           (grads, opt_state, params))
         metrics = {"loss": loss, "grad_norm": gnorm, "skipped": 1.0 - ok.astype(jnp.float32), **aux}
         return new_params, new_opt, metrics
 
