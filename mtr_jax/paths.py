@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import os
 import pathlib
-import shutil
 import tempfile
 
 from etils import epath
@@ -96,7 +95,9 @@ def check_writable(p, what: str = "run.out_dir") -> None:
         raise MtrError(f"{what} {p}: bucket gs://{bucket} does not exist")
 
 
-def _upload_tree(src: pathlib.Path, dest: epath.Path) -> None:
+def upload_tree(src: pathlib.Path, dest) -> None:
+    """Copy every file under the local directory `src` to `dest` (local or gs://)."""
+    dest = path(dest)
     for f in sorted(src.rglob("*")):
         if f.is_file():
             target = dest / f.relative_to(src).as_posix()
@@ -114,7 +115,7 @@ def local_dir_for_write(dest):
         return
     with tempfile.TemporaryDirectory(prefix="mtr_upload_") as tmp:
         yield pathlib.Path(tmp)
-        _upload_tree(pathlib.Path(tmp), path(dest))
+        upload_tree(pathlib.Path(tmp), dest)
 
 
 def walk(d):
@@ -132,25 +133,34 @@ def _cache_dir(url: str) -> pathlib.Path:
     return cache_root() / "remote" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
+def _fetch(src: epath.Path, target: pathlib.Path) -> None:
+    """Download `src` to `target` unless a copy of the same size is there (a model is read several
+    times per run: config, weights, tokenizer)."""
+    try:
+        if target.exists() and target.stat().st_size == src.stat().length:
+            return
+    except (AttributeError, OSError):
+        pass
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    tmp.write_bytes(src.read_bytes())
+    os.replace(tmp, target)  # a killed download never leaves a short file under the real name
+
+
 def localize(p) -> pathlib.Path:
     """A local path holding `p`'s contents: `p` itself when local, else a downloaded copy
-    (a file, or a directory tree) under the cache directory, refreshed on every call."""
+    (a file, or a directory tree) under the cache directory, keyed by the URL."""
     if not is_remote(p):
         return pathlib.Path(str(p).removeprefix("file://")).expanduser()
     src = path(p)
     out = _cache_dir(str(p))
     if src.is_dir():
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
         for f in walk(src):
-            target = out / str(f)[len(str(src)):].lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(f.read_bytes())
+            _fetch(f, out / str(f)[len(str(src)):].lstrip("/"))
+        out.mkdir(parents=True, exist_ok=True)
         return out
-    out.mkdir(parents=True, exist_ok=True)
     target = out / src.name
-    target.write_bytes(src.read_bytes())
+    _fetch(src, target)
     return target
 
 

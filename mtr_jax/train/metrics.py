@@ -86,12 +86,15 @@ class MetricsLogger:
         if not self.enabled or not self._file.remote:
             return
         self.f.flush()
-        self._file.sync()
         if self.tb is not None:
             self.tb.flush()
-            tb = self.path.parent / "tb"
-            if tb.is_dir():
-                paths._upload_tree(tb, paths.path(self._tb_home))
+        self._send_home()
+
+    def _send_home(self) -> None:
+        self._file.sync()
+        tb = self.path.parent / "tb"
+        if tb.is_dir():
+            paths.upload_tree(tb, self._tb_home)
 
     def close(self) -> None:
         if self.enabled:
@@ -99,10 +102,7 @@ class MetricsLogger:
                 self.tb.close()
             self.f.close()
             if self._file.remote:
-                self._file.sync()
-                tb = self.path.parent / "tb"
-                if tb.is_dir():
-                    paths._upload_tree(tb, paths.path(self._tb_home))
+                self._send_home()
 
 
 def _stage_of(line: str):
