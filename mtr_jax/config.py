@@ -124,7 +124,7 @@ class OptimConfig:
 @dataclass
 class SFTConfig:
     steps: int = 100
-    batch_size: int = 8  # packed rows per step
+    batch_size: int = 8  # packed rows per step, per process
     seq_len: int = 512
     grad_accum: int = 1
     epochs: int = 0  # 0 = run `steps`
@@ -137,7 +137,7 @@ class SFTConfig:
 @dataclass
 class GRPOConfig:
     steps: int = 20
-    batch_size: int = 4  # questions per step (B)
+    batch_size: int = 4  # questions per step (B), per process
     group_size: int = 4  # rollouts per question (G)
     mu: int = 1  # optimisation passes over each batch of rollouts
     minibatches: int = 1
@@ -168,7 +168,7 @@ class EvalConfig:
     max_turns: int = 4
     max_new_tokens: int = 64
     max_len: int = 1024
-    batch_size: int = 8
+    batch_size: int = 8  # questions per batch, per process
 
 
 @dataclass

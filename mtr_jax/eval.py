@@ -5,6 +5,11 @@ Writes one JSON line per example to OUT/<dataset>.jsonl (question, golds, predic
 turns, tool calls, the full trace) and OUT/results.json ({dataset: {em, f1, n, ...}}), and prints
 the table dataset x {EM, F1, avg turns, avg tool calls, invalid-call rate} plus the average.
 Resumable: ids already in OUT/<dataset>.jsonl are skipped on a re-run.
+
+Several processes (a pod slice): `eval.batch_size` is per process (as `sft.batch_size` and
+`grpo.batch_size` are); each global batch is split into contiguous shares, one per process; each
+process runs its share (its ToolActor answering its calls), the scored rows are gathered in batch
+order, and only process 0 writes them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import numpy as np
 
 from mtr_jax import paths
+from mtr_jax.parallel import hosts
 
 
 def score_episode(e) -> dict:
@@ -46,6 +52,7 @@ def evaluate_records(run_rollout, records, batch_size: int, out_path: str | None
     """Score `records` in batches with `run_rollout(records) -> episodes`; append rows to out_path
     as they finish, and skip ids already there (resume)."""
     done: dict[str, dict] = {}
+    writer = out_path and hosts.index() == 0
     synced = paths.SyncedFile(out_path) if out_path else None  # gs://: a local copy, synced per batch
     out_path = synced.local if synced else None
     if out_path and out_path.exists():
@@ -58,21 +65,21 @@ def evaluate_records(run_rollout, records, batch_size: int, out_path: str | None
                     continue  # a line cut by a kill: redo that example
     todo = [r for r in records if r.id not in done]
     rows = [done[r.id] for r in records if r.id in done]
-    fout = open(out_path, "a") if out_path else None
+    fout = open(out_path, "a") if writer else None
     from mtr_jax.progress import progress as make_bar
 
     bar = make_bar(len(records), len(rows), desc, progress)
     try:
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i : i + batch_size]
-            for e in run_rollout(chunk):
-                row = score_episode(e)
+        step = batch_size * hosts.count()  # batch_size per process, like sft/grpo.batch_size
+        for i in range(0, len(todo), step):
+            chunk = todo[i : i + step]
+            for row in _score_batch(run_rollout, chunk):
                 rows.append(row)
                 if fout:
                     fout.write(json.dumps(row, ensure_ascii=False) + "\n")
                     fout.flush()
             bar.update(len(chunk))
-            if synced:
+            if synced and writer:
                 synced.sync()
     finally:
         if fout:
@@ -80,6 +87,18 @@ def evaluate_records(run_rollout, records, batch_size: int, out_path: str | None
             synced.sync()
         bar.close()
     return rows
+
+
+def _score_batch(run_rollout, chunk: list) -> list[dict]:
+    """Score one batch. Several processes: each runs its contiguous share (padded to the same
+    size with copies of the batch's first record, whose rows are dropped) and all get every row."""
+    if not hosts.multi():
+        return [score_episode(e) for e in run_rollout(chunk)]
+    a, b = hosts.local_share(len(chunk))
+    k = -(-len(chunk) // hosts.count())
+    mine = chunk[a:b]
+    eps = run_rollout(mine + [chunk[0]] * (k - len(mine)))[: len(mine)]
+    return hosts.gather_objects([score_episode(e) for e in eps])
 
 
 def format_table(results: dict) -> str:
@@ -136,7 +155,8 @@ def cli(args) -> int:
         results[name] = summarize(rows)
         results[name]["skipped_malformed"] = skipped
     results["average"] = average_row(results)
-    paths.path(paths.join(out_dir, "results.json")).write_text(json.dumps(results, indent=2))
+    if hosts.index() == 0:
+        paths.path(paths.join(out_dir, "results.json")).write_text(json.dumps(results, indent=2))
     if actor.cache is not None:
         actor.cache.sync()
     print(format_table(results))

@@ -9,6 +9,9 @@ answer, a malformed turn, an EOS-less turn that ran out of tokens, `max_turns`, 
 Per episode we keep the token ids, a loss mask that is 1 exactly on sampled tokens, the sampler's
 policy log-probs (at the sampling temperature, before top-k/top-p) on those tokens, the structured trace (the trace JSON of
 `mtr_jax.traces`), and counters.
+
+Several processes: each runs its own records' episodes (and its ToolActor answers its own calls);
+the turn loop's exits are agreed, so every process calls the sampler the same number of times.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax
 import numpy as np
 
 from mtr_jax.data.records import QARecord
+from mtr_jax.parallel import hosts
 from mtr_jax.sampling import SamplingParams
 from mtr_jax.traces import parse as trace_parse
 from mtr_jax.traces import render as trace_render
@@ -94,10 +98,12 @@ def run_episodes(
     state = sampler.start(params, prompts, group_size=group_size)
     for turn in range(max_turns):
         active = ~done
-        if not active.any():
+        # several processes run each turn together: the loop ends, and the budget is set, globally
+        if not hosts.any_(active.any()):
             break
         key, sub = jax.random.split(key)
-        budget = min(max_new_tokens, max_len - max(len(e.token_ids) for e, a in zip(eps, active) if a))
+        longest = max((len(e.token_ids) for e, a in zip(eps, active) if a), default=0)
+        budget = min(max_new_tokens, max_len - hosts.agree_max(longest)[0])
         if budget <= 0:
             for i in np.nonzero(active)[0]:
                 eps[i].end_reason, done[i] = "max_len", True
@@ -163,9 +169,9 @@ def run_episodes(
             e.token_ids += ids
             e.loss_mask += [0] * len(ids)
             e.logprobs += [0.0] * len(ids)
-        if any(appended):
+        if hosts.any_(any(appended)):
             state = sampler.append(params, state, appended)
-        elif not (~done).any():
+        elif not hosts.any_((~done).any()):
             break
     for i in range(n):
         if not done[i]:

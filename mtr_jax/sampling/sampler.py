@@ -23,7 +23,10 @@ rows (G per prompt) share their whole prompt as before. Same tokens as a full pr
 
 Sharding. With `mesh=`, rows are sharded over the mesh's batch axes (`data`, `fsdp` where present;
 batch buckets are multiples of their size) and the cache is constrained to that layout; params keep
-whatever shardings the caller gave them (GSPMD propagates the rest).
+whatever shardings the caller gave them (GSPMD propagates the rest). With several processes (a pod
+slice) each process passes and gets back ITS rows only: N, buckets and outputs are host-local, the
+global batch is the processes' buckets concatenated, and every shape choice is agreed across the
+processes (`parallel.hosts`), so all of them run the same programs.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mtr_jax.errors import MtrError
 from mtr_jax.model.qwen2 import Qwen2Config
+from mtr_jax.parallel import hosts
 from mtr_jax.sampling import decode
 from mtr_jax.sampling.decode import REASONS, forward_chunk
 
@@ -154,6 +158,11 @@ class Sampler:
         self.unstack_layers = (jax.default_backend() == "cpu") if unstack_layers is None else bool(unstack_layers)
         self.batch_axes = tuple(a for a in BATCH_AXES if mesh is not None and a in mesh.axis_names)
         self.batch_multiple = int(np.prod([mesh.shape[a] for a in self.batch_axes])) if self.batch_axes else 1
+        if hosts.multi():  # host-local rows: each process's bucket is a multiple of ITS batch devices
+            if mesh is None or self.batch_multiple % hosts.count():
+                raise MtrError(f"Sampler: {hosts.count()} processes need a mesh whose batch axes (data x fsdp = "
+                               f"{self.batch_multiple}) split evenly over them")
+            self.batch_multiple //= hosts.count()
         self.prompt_buckets = tuple(sorted(prompt_buckets or _pow2_buckets(16, self.cache_len)))
         # no batch-1 programs on CPU: XLA's CPU matrix-vector path runs a 0.5B decode step ~4x
         # slower at 1 row than at 2 (552 vs 143 ms, measured), so one row is padded to two
@@ -181,17 +190,32 @@ class Sampler:
         return min(n, cap) if cap else n  # beyond the last bucket: exact (one more program)
 
     def _batch_bucket(self, n: int) -> int:
+        """This process's row bucket for n rows (the same on every process)."""
         b = self._bucket(n, self.batch_buckets)
         m = self.batch_multiple
-        return -(-b // m) * m
+        return hosts.agree_max(-(-b // m) * m)[0]
 
     def _rows(self, x):
         """Place a host array with its leading (row) axis sharded over the batch axes."""
         x = np.asarray(x)
         if self.mesh is None:
             return jnp.asarray(x)
+        if hosts.multi():  # this process's rows of the global batch
+            return hosts.to_global(x, self.mesh, self.batch_axes)
         spec = P(self.batch_axes or None, *([None] * (x.ndim - 1)))
         return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def _host(self, x) -> np.ndarray:
+        """A row-sharded output -> this process's rows on the host."""
+        return hosts.to_local(x, self.mesh, self.batch_axes) if hosts.multi() else np.asarray(jax.device_get(x))
+
+    def _same(self, x):
+        """A value every process holds identically (the shared prefix) -> a jit argument."""
+        return hosts.replicated(x, self.mesh) if hosts.multi() else jnp.asarray(x)
+
+    @staticmethod
+    def _local_bucket(state) -> int:
+        return state.batch_bucket // hosts.count()
 
     def _constrain_cache(self, x):
         if self.mesh is None:
@@ -232,6 +256,20 @@ class Sampler:
         _, k, v, end = forward_chunk(params, cfg, k, v, end, tokens, lengths, want_logits=False)
         k, v = self._constrain_cache(jnp.take(k, src, axis=1)), self._constrain_cache(jnp.take(v, src, axis=1))
         return {"k": k, "v": v, "end": jnp.take(end, src)}, jnp.take(last, src)
+
+    @staticmethod
+    def _global_prefix_len(first, n_pre: int) -> int:
+        """The prefix every process's prompts share: each process's common prefix is a prefix of
+        its first prompt, so compare those first prompts (padded with -1) and take the shortest."""
+        (L,) = hosts.agree_max(len(first))
+        mine = np.full((L + 1,), -1, np.int64)
+        mine[0], mine[1:len(first) + 1] = n_pre, first
+        from jax.experimental import multihost_utils
+
+        allp = np.asarray(multihost_utils.process_allgather(mine))
+        n = int(allp[:, 0].min())
+        diff = np.nonzero((allp[:, 1:n + 1] != allp[:1, 1:n + 1]).any(axis=0))[0]
+        return int(diff[0]) if diff.size else n
 
     @staticmethod
     def common_prefix_len(prompts) -> int:
@@ -301,7 +339,7 @@ class Sampler:
         -> (state, tokens [N]). One host round trip per token: the grammar matcher lives on the
         host. `window_hint`: tokens the caller may still add (keeps one attention-window bucket
         for the whole constrained generation). Consumes `state`."""
-        N, Nb = state.n_rows, state.batch_bucket
+        N, Nb = state.n_rows, self._local_bucket(state)
         W = -(-self.cfg.vocab_size // 32)
         bits = np.zeros((Nb, W), np.int32)
         a = np.asarray(allowed_bits, np.int32)
@@ -310,11 +348,12 @@ class Sampler:
         bits[:N, : a.shape[1]] = a
         act = np.zeros((Nb,), bool)
         act[:N] = np.asarray(active, bool).reshape(-1)
-        window = self._bucket(int(state.row_lengths.max()) + max(1, int(window_hint)), self.window_buckets, cap=self.cache_len)
+        (need,) = hosts.agree_max(int(state.row_lengths.max()) + max(1, int(window_hint)))
+        window = self._bucket(need, self.window_buckets, cap=self.cache_len)
         cache, pending = self._step(params, state.cache, state.pending, self._rows(act), self._rows(bits), window=window)
         fits = state.row_lengths + 1 <= self.cache_len
         ran = act[:N] & fits
-        toks = np.asarray(jax.device_get(pending))[:N]
+        toks = self._host(pending)[:N]
         return SamplerState(cache, pending, state.row_lengths + ran, state.n_prompts, state.group_size), toks
 
     def rollout_params(self, params):
@@ -357,10 +396,13 @@ class Sampler:
         Pb = self._batch_bucket(P_)
         Nb = self._batch_bucket(P_ * G)
         # the shared prefix never takes a row's last token (it stays pending)
-        n_pre = min(self.common_prefix_len(prompts), min(lens) - 1) if self.share_prefix and P_ > 1 else 0
+        shared = self.share_prefix and (P_ > 1 or hosts.multi())  # several processes: >1 prompt globally
+        n_pre = min(self.common_prefix_len(prompts), min(lens) - 1) if shared else 0
+        if hosts.multi():
+            n_pre = self._global_prefix_len(prompts[0], n_pre)
         if n_pre < self.min_shared_prefix:
             n_pre = 0
-        C = self._bucket(max(max(lens) - 1 - n_pre, 1), self.prompt_buckets, cap=self.cache_len)
+        (C,) = hosts.agree_max(self._bucket(max(max(lens) - 1 - n_pre, 1), self.prompt_buckets, cap=self.cache_len))
         tokens = np.full((Pb, C), self.pad_id, np.int32)
         lengths = np.zeros((Pb,), np.int32)
         last = np.full((Pb,), self.pad_id, np.int32)
@@ -369,13 +411,14 @@ class Sampler:
             lengths[i] = lens[i] - 1 - n_pre
             last[i] = p[-1]
         src = np.zeros((Nb,), np.int32)
-        src[: P_ * G] = np.repeat(np.arange(P_, dtype=np.int32), G)
+        # indices into the GLOBAL prompt batch: this process's prompts start at index() * Pb
+        src[: P_ * G] = np.repeat(np.arange(P_, dtype=np.int32), G) + hosts.index() * Pb
         rows = (self._rows(tokens), self._rows(lengths), self._rows(last), self._rows(src))
         if n_pre:
             Cp = self._bucket(n_pre, self.prompt_buckets, cap=self.cache_len)
             prefix = np.full((1, Cp), self.pad_id, np.int32)
             prefix[0, :n_pre] = prompts[0][:n_pre]
-            cache, pending = self._prefill_shared(params, jnp.asarray(prefix), jnp.asarray([n_pre], jnp.int32), *rows)
+            cache, pending = self._prefill_shared(params, self._same(prefix), self._same(np.asarray([n_pre], np.int32)), *rows)
         else:
             cache, pending = self._prefill(params, *rows)
         return SamplerState(cache, pending, np.repeat(np.asarray(lens, np.int64), G), P_, G)
@@ -386,8 +429,9 @@ class Sampler:
         sequence, max_new_tokens, or when its sequence reaches cache_len ("cache_full"); the loop
         exits as soon as every row is done. Rows with active=False generate nothing ("inactive").
         `sampling`: one SamplingParams for all rows or one per row. `key`: a jax PRNG key (or int
-        seed); the same key and inputs give the same samples. Consumes `state` (donated cache)."""
-        N, Nb = state.n_rows, state.batch_bucket
+        seed); the same key and inputs give the same samples. Consumes `state` (donated cache).
+        Several processes: each passes its rows; max_new_tokens and the key must be the same on all."""
+        N, Nb = state.n_rows, self._local_bucket(state)
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
             raise MtrError(f"Sampler.generate: max_new_tokens={max_new_tokens!r} must be a positive int")
         if isinstance(sampling, SamplingParams):
@@ -414,16 +458,19 @@ class Sampler:
             greedy[i], temp[i], top_k[i], top_p[i] = s.is_greedy, s.temperature or 1.0, s.top_k, s.top_p
         all_greedy = bool(greedy[:N][act[:N]].all()) if act[:N].any() else True
         use_filter = bool(any(s.top_k > 0 or s.top_p < 1.0 for s, a in zip(per_row, act) if a and not s.is_greedy))
+        # static arguments: one agreement for all of them (a no-op on one process)
+        longest, not_greedy, use_filter = hosts.agree_max(int(state.row_lengths.max()), not all_greedy, use_filter)
+        all_greedy, use_filter = not not_greedy, bool(use_filter)
         if isinstance(key, (int, np.integer)):
             key = jax.random.key(int(key))
         out_len = self._bucket(int(max_new_tokens), self.new_token_buckets)
-        window = self._bucket(int(state.row_lengths.max()) + int(max_new_tokens), self.window_buckets, cap=self.cache_len)
+        window = self._bucket(longest + int(max_new_tokens), self.window_buckets, cap=self.cache_len)
         cache, pending, toks, n, reason, lp, plp, tlp = self._generate(
             params, state.cache, state.pending, self._rows(act), jnp.int32(max_new_tokens), key, self._rows(temp),
             self._rows(top_k), self._rows(top_p), self._rows(greedy),
             out_len=out_len, all_greedy=all_greedy, use_filter=use_filter, window=window,
         )
-        toks, n, reason, lp, plp, tlp = jax.device_get((toks, n, reason, lp, plp, tlp))
+        toks, n, reason, lp, plp, tlp = (self._host(x) for x in (toks, n, reason, lp, plp, tlp))
         M = int(max_new_tokens)
         n = np.asarray(n[:N], np.int32)
         keep = np.arange(M)[None, :] < n[:, None]
@@ -441,7 +488,7 @@ class Sampler:
     def append(self, params, state: SamplerState, tokens: list[list[int]]) -> SamplerState:
         """Append per-row tokens (e.g. a tool response; [] = nothing) after what each row holds,
         extending its KV cache (the history is not prefilled again). Consumes `state`."""
-        N, Nb = state.n_rows, state.batch_bucket
+        N, Nb = state.n_rows, self._local_bucket(state)
         if len(tokens) != N:
             raise MtrError(f"Sampler.append: {len(tokens)} token lists for {N} rows")
         lens = np.asarray([len(t) for t in tokens], np.int32)
@@ -450,9 +497,9 @@ class Sampler:
             if state.row_lengths[i] + lens[i] > self.cache_len:
                 raise MtrError(f"Sampler.append: row {i} would hold {state.row_lengths[i] + lens[i]} tokens, "
                                f"more than cache_len={self.cache_len}")
-        if not lens.any():
+        if not hosts.any_(lens.any()):
             return state
-        C = self._bucket(int(lens.max()), self.prompt_buckets, cap=self.cache_len)
+        (C,) = hosts.agree_max(self._bucket(int(lens.max()), self.prompt_buckets, cap=self.cache_len))
         chunk = np.full((Nb, C), self.pad_id, np.int32)
         lengths = np.zeros((Nb,), np.int32)
         for i, t in enumerate(tokens):

@@ -6,6 +6,11 @@ appended through the sampler's continuation) -> composite reward per episode -> 
 `mu` passes over `minibatches` optimiser steps. Old-policy log-probs are recomputed by the
 trainer's own forward (same temperature, same masking) and their gap to the sampler's log-probs
 is logged every step (`logprob_gap`): a silent mismatch is how GRPO collapses.
+
+Several processes (a pod slice): each process rolls out its own questions (`grpo.batch_size` per
+process), its ToolActor answers its calls, and rewards and advantages are computed where the
+groups live (a group never spans processes). The update runs on the global batch; its shapes are
+agreed across processes, and the logged rollout metrics are gathered over all episodes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from mtr_jax.config import Config
 from mtr_jax import paths
 from mtr_jax.errors import MtrError
 from mtr_jax.model import lora
+from mtr_jax.parallel import hosts
 from mtr_jax.train import losses
 from mtr_jax.train.metrics import MetricsLogger
 from mtr_jax.train.optim import make_optimizer
@@ -42,14 +48,14 @@ def episodes_to_batch(eps, rows: int, length: int, pad_id: int):
     return {"tokens": tokens, "segment_ids": seg, "positions": pos, "mask": mask, "sampler_logp": slogp}
 
 
-def episodes_to_shared_batch(eps, groups: int, group_size: int, pad_id: int, max_len: int):
+def episodes_to_shared_batch(eps, groups: int, group_size: int, pad_id: int, max_len: int, shape=None):
     """Completion coordinates for the shared-prompt update: each group's prompt once and its G
     completions (everything after the prompt: sampled turns AND appended tool responses).
     prompts [groups, P], prompt_lens [groups], completions / mask / sampler_logp [groups*G, C]
     (index j = completion token j), episode [groups*G] (1 = a real episode; padding groups are
     0). P is rounded up to a multiple of 128 and C to a power of two >= 64: a few shapes over a
-    run (each new one is a compile), little padding. None when a group's
-    episodes do not share their prompt (then the full-row update is used)."""
+    run (each new one is a compile), little padding; `shape=(P, C)` sets them (processes agree on
+    one). None when a group's episodes do not share their prompt (then the full-row update is used)."""
     n = len(eps)
     if n % group_size:
         return None
@@ -61,8 +67,11 @@ def episodes_to_shared_batch(eps, groups: int, group_size: int, pad_id: int, max
         first = spans[q * group_size][0]
         if any(spans[q * group_size + i][0] != first for i in range(1, group_size)):
             return None
-    P = max(-(-max(len(pr) for pr, _ in spans) // 128) * 128, 128)
-    C = max(1 << (max(len(c) for _, c in spans) - 1).bit_length(), 64)
+    if shape is None:
+        P = max(-(-max((len(pr) for pr, _ in spans), default=1) // 128) * 128, 128)
+        C = max(1 << (max((len(c) for _, c in spans), default=1) - 1).bit_length(), 64)
+    else:
+        P, C = shape
     rows = groups * group_size
     prompts = np.full((groups, P), pad_id, np.int32)
     lens = np.ones(groups, np.int32)
@@ -224,12 +233,16 @@ class GRPOTrainer:
             keep = np.repeat(~np.all(grp == grp[:, :1], axis=1), g.group_size)
         metrics = self._rollout_metrics(eps, scores, rewards)
         if getattr(self.actor, "sees_answer", False):  # the training-time leak is on: say how often
-            metrics["tools/answer_shown"] = float(self.actor.counters["answer_shown"])
+            metrics["tools/answer_shown"] = hosts.total(self.actor.counters["answer_shown"])
         t1 = time.perf_counter()
-        upd = self._update([e for e, k in zip(eps, keep) if k], adv[keep]) if keep.any() else {"skipped_groups": 1.0}
+        # every process joins the update if any kept a group (one with none feeds padding rows)
+        if hosts.any_(keep.any()):
+            upd = self._update([e for e, k in zip(eps, keep) if k], adv[keep])
+        else:
+            upd = {"skipped_groups": 1.0}
         metrics.update(upd)
         metrics["rollout_s"], metrics["update_s"] = t_roll, time.perf_counter() - t1
-        metrics["kept_episodes"] = float(keep.sum())
+        metrics["kept_episodes"] = hosts.total(keep.sum())
         return metrics, eps, scores
 
     def _update(self, eps, adv):
@@ -240,10 +253,16 @@ class GRPOTrainer:
         shared = None
         if g.share_prompt and (rows // mbs) % g.group_size == 0:  # minibatches hold whole groups
             shared = episodes_to_shared_batch(eps, g.batch_size, g.group_size, self.pad_id, g.max_len)
+            if hosts.multi():  # one layout and one shape on every process
+                ok = hosts.all_(shared is not None)
+                shape = (shared["prompts"].shape[1], shared["completions"].shape[1]) if shared is not None else (0, 0)
+                shape = hosts.agree_max(*shape)
+                shared = episodes_to_shared_batch(eps, g.batch_size, g.group_size, self.pad_id, g.max_len,
+                                                  shape=shape) if ok else None
         if shared is not None:
             b = shared
             lp = lambda params: self._shared_logprobs(params, b, mbs)
-            n_gen = max(float(b["mask"].sum()), 1.0)
+            n_gen = max(hosts.total(b["mask"].sum()), 1.0)
             sampler_logp = b["sampler_logp"]
             data = {k: b[k] for k in ("prompts", "prompt_lens", "completions", "mask", "sampler_logp", "episode")}
             zeros = np.zeros(b["mask"].shape, np.float32)
@@ -251,7 +270,7 @@ class GRPOTrainer:
         else:
             b = self._full_rows(eps, rows)
             lp = lambda params: self._logprobs(params, b, mbs)
-            n_gen = max(float(b["mask"][:, 1:].sum()), 1.0)
+            n_gen = max(hosts.total(b["mask"][:, 1:].sum()), 1.0)
             sampler_logp = b["sampler_logp"][:, 1:]
             data = {k: b[k] for k in ("tokens", "segment_ids", "positions", "mask", "sampler_logp")}
             zeros = np.zeros((rows, b["tokens"].shape[1] - 1), np.float32)
@@ -261,7 +280,7 @@ class GRPOTrainer:
         old_logp = zeros if self.on_policy else lp(self.policy())
         ref_logp = lp(self.reference()) if g.beta else zeros
         data.update(old_logp=old_logp, ref_logp=ref_logp, adv=adv_full)
-        gap = None if self.on_policy else float(np.abs((old_logp - sampler_logp) * gen_mask).sum() / n_gen)
+        gap = None if self.on_policy else hosts.total(np.abs((old_logp - sampler_logp) * gen_mask).sum()) / n_gen
         per = rows // mbs
         tot = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "skipped": 0.0}
         count = 0
@@ -296,40 +315,66 @@ class GRPOTrainer:
         g = self.g
         # rows padded to B*G and length to a multiple of 128 (capped at max_len): a handful of
         # shapes whatever the episodes, so no recompiles, and little padding
-        length = min(-(-max(len(e.token_ids) for e in eps) // 128) * 128, max(g.max_len, 128))
+        (longest,) = hosts.agree_max(max((len(e.token_ids) for e in eps), default=1))
+        length = min(-(-longest // 128) * 128, max(g.max_len, 128))
         return episodes_to_batch(eps, rows, length, self.pad_id)
 
     def _logprobs(self, params, b, chunks):
         """Teacher-forced log-probs, `chunks` rows groups at a time (the [rows, T, vocab] logits
         of a whole batch would be the largest buffer of a GRPO step)."""
         per = b["tokens"].shape[0] // chunks
-        out = [np.asarray(self.logprob_fn(params, *(b[k][j * per:(j + 1) * per] for k in ("tokens", "segment_ids", "positions")))[0])
+        out = [self._host(self.logprob_fn(params, *(self._rows(b[k][j * per:(j + 1) * per])
+                                                    for k in ("tokens", "segment_ids", "positions")))[0])
                for j in range(chunks)]
         return np.concatenate(out, axis=0)
+
+    def _rows(self, x):
+        """Host rows -> a jit argument: as they are on one process; several processes: this
+        process's rows of a global array split over the data axes."""
+        if not hosts.multi():
+            return x
+        from mtr_jax.parallel.rules import batch_sharding
+
+        spec = batch_sharding(self.mesh, 1).spec[0]
+        return hosts.to_global(x, self.mesh, spec if isinstance(spec, tuple) else (spec,) if spec else ())
+
+    def _host(self, x) -> np.ndarray:
+        if not hosts.multi():
+            return np.asarray(x)
+        from mtr_jax.parallel.rules import batch_sharding
+
+        spec = batch_sharding(self.mesh, 1).spec[0]
+        return hosts.to_local(x, self.mesh, spec if isinstance(spec, tuple) else (spec,) if spec else ())
 
     def _shared_logprobs(self, params, b, chunks):
         """`_logprobs` in completion coordinates, `chunks` runs of whole groups."""
         gq = b["prompts"].shape[0] // chunks
         per = gq * self.g.group_size
-        out = [np.asarray(self.shared_logprob_fn(params, b["prompts"][j * gq:(j + 1) * gq], b["prompt_lens"][j * gq:(j + 1) * gq],
-                                                 b["completions"][j * per:(j + 1) * per])[0]) for j in range(chunks)]
+        out = [self._host(self.shared_logprob_fn(params, self._rows(b["prompts"][j * gq:(j + 1) * gq]),
+                                                 self._rows(b["prompt_lens"][j * gq:(j + 1) * gq]),
+                                                 self._rows(b["completions"][j * per:(j + 1) * per]))[0]) for j in range(chunks)]
         return np.concatenate(out, axis=0)
 
     @staticmethod
     def _rollout_metrics(eps, scores, rewards):
-        met = {"reward": float(rewards.mean()), "reward_std": float(rewards.std())}
-        for k in scores[0]:
-            if k != "reward":
-                vals = [float(s[k]) for s in scores if isinstance(s.get(k), (int, float, bool, np.floating))]
-                if vals:
-                    met[f"reward/{k}"] = float(np.mean(vals))
-        if "em" in scores[0]:
-            met["em"] = float(np.mean([s["em"] for s in scores]))
-        met["response_len"] = float(np.mean([sum(e.loss_mask) for e in eps]))
-        met["turns"] = float(np.mean([e.counters["turns"] for e in eps]))
-        met["tool_calls"] = float(np.mean([e.counters["tool_calls"] for e in eps]))
-        calls = sum(e.counters["tool_calls"] for e in eps)
-        met["invalid_call_rate"] = float(sum(e.counters["invalid_calls"] for e in eps) / max(calls, 1))
+        """Means over every episode of the step, on all processes (one column per metric, the
+        processes' rows gathered; a non-numeric score value is NaN and left out of its mean)."""
+        num = (int, float, bool, np.floating, np.integer)
+        keys = [k for k in scores[0] if k != "reward"]  # one reward function: the same keys everywhere
+        cols = [rewards.astype(np.float64)]
+        cols += [[float(s[k]) if isinstance(s.get(k), num) else np.nan for s in scores] for k in keys]
+        cols += [[sum(e.loss_mask) for e in eps], [e.counters["turns"] for e in eps],
+                 [e.counters["tool_calls"] for e in eps], [e.counters["invalid_calls"] for e in eps]]
+        m = hosts.gather_rows(np.stack([np.asarray(c, np.float64) for c in cols], axis=1))
+        met = {"reward": float(m[:, 0].mean()), "reward_std": float(m[:, 0].std())}
+        for j, k in enumerate(keys, start=1):
+            if not np.isnan(m[:, j]).all():
+                met[f"reward/{k}"] = float(np.nanmean(m[:, j]))
+        if "em" in keys:
+            met["em"] = float(np.mean(m[:, 1 + keys.index("em")]))
+        resp, turns, calls, invalid = m[:, -4], m[:, -3], m[:, -2], m[:, -1]
+        met["response_len"], met["turns"], met["tool_calls"] = float(resp.mean()), float(turns.mean()), float(calls.mean())
+        met["invalid_call_rate"] = float(invalid.sum() / max(calls.sum(), 1))
         return met
 
 

@@ -90,6 +90,8 @@ def make_actor(cfg: Config, out_dir: str | None = None, for_eval: bool = False):
 
     # local or gs:// (a gs:// cache is a local working copy synced home at checkpoints: tools/cache.py)
     cache = cfg.tools.cache or paths.join(out_dir or cfg.run.out_dir, "tool_cache.sqlite")
+    if jax.process_count() > 1:  # one file per process: each syncs its own copy home, none overwrites another's
+        cache = cache.removesuffix(".sqlite") + f".p{jax.process_index()}.sqlite"
     return ToolActor.from_config(cfg.tools, cache, seed=cfg.run.seed, sees_answer=False if for_eval else None)
 
 
