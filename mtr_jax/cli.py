@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "import-hf":
             sp.add_argument("--model", required=True, help="HF directory, hub id, GGUF file or offline:NAME")
             sp.add_argument("--out", required=True)
-            sp.add_argument("--dtype", default="float32")
+            sp.add_argument("--dtype", default="float32", help="storage dtype of the checkpoint: float32 | bfloat16")
+            sp.add_argument("--mesh", default="fsdp=-1",
+                            help="mesh the weights are loaded onto, e.g. data=1,fsdp=-1,tensor=1 (default: every device on fsdp)")
         if name == "bench":
             sp.add_argument("workload", choices=["forward", "sample", "grpo"])
             sp.add_argument("--json", action="store_true", help="print one JSON object")

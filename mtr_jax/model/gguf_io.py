@@ -11,6 +11,7 @@ through the same one-tensor-at-a-time path into the target shardings.
 from __future__ import annotations
 
 import collections
+import mmap
 import pathlib
 
 import numpy as np
@@ -78,6 +79,9 @@ def gguf_config(reader, path) -> "Qwen2Config":
     return Qwen2Config(**kw)
 
 
+_ROWS = 4096  # rows dequantized at a time
+
+
 class GGUFWeights:
     """Lazy HF-named view of a GGUF's tensors. `get` dequantizes (float32, [out, in]); the last
     `keep` results are memoised because a sharded load asks for each tensor once per device."""
@@ -113,7 +117,14 @@ class GGUFWeights:
         return tuple(int(x) for x in reversed(t.shape))  # GGML lists the fastest axis first
 
     def clear(self) -> None:
+        """Drop the dequantized copies, and the file pages read so far (a memory map's resident pages
+        count against the host; they are read again from the page cache if needed)."""
         self._memo.clear()
+        mm = getattr(getattr(self.reader, "data", None), "_mmap", None)
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (AttributeError, ValueError, OSError):
+            pass  # not a memory map, or no madvise on this platform: only memory use differs
 
     def get(self, hf_name: str) -> np.ndarray:
         if hf_name in self._memo:
@@ -122,13 +133,21 @@ class GGUFWeights:
         import gguf
 
         t = self._tensor(hf_name)
+        want = self.shape(hf_name)
         try:
-            a = gguf.quants.dequantize(t.data, t.tensor_type)
+            data = t.data
+            if data.ndim >= 2 and len(want) >= 2 and data.shape[0] == want[0]:
+                # row blocks: dequantization's float temporaries stay small beside the result
+                a = np.empty((want[0], int(np.prod(want[1:]))), np.float32)
+                for i in range(0, want[0], _ROWS):
+                    a[i:i + _ROWS] = np.asarray(gguf.quants.dequantize(data[i:i + _ROWS], t.tensor_type),
+                                                np.float32).reshape(-1, a.shape[1])
+            else:
+                a = gguf.quants.dequantize(data, t.tensor_type)
         except NotImplementedError as e:
             raise MtrError(f"{self.path}: tensor '{t.name}' has type {t.tensor_type.name}, which gguf cannot dequantize ({e})") from None
         except Exception as e:  # a truncated data section shows up here as a short buffer
             raise MtrError(f"{self.path}: tensor '{t.name}' cannot be read ({type(e).__name__}: {str(e)[:120]}); the file may be truncated") from None
-        want = self.shape(hf_name)
         if int(np.prod(a.shape)) != int(np.prod(want)):
             raise MtrError(f"{self.path}: tensor '{t.name}' holds {a.size} values, expected {want}; the file may be truncated")
         a = np.asarray(a, np.float32).reshape(want)
@@ -143,4 +162,8 @@ def open_gguf(path) -> tuple["Qwen2Config", GGUFWeights]:
     path = pathlib.Path(path)
     reader = _reader(path)
     cfg = gguf_config(reader, path)
-    return cfg, GGUFWeights(path, reader=reader, keep=cfg.num_hidden_layers + 1)
+    # the vocabulary fields are ~0.6 GB of small arrays for a 152k vocabulary, and the weights do not
+    # need them (the tokenizer is read separately)
+    for k in [k for k in reader.fields if k.startswith("tokenizer.ggml.") and not k.endswith("_id")]:
+        del reader.fields[k]
+    return cfg, GGUFWeights(path, reader=reader, keep=1)  # hf_io reads each tensor once

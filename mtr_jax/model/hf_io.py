@@ -3,11 +3,14 @@
 Sources: an HF directory, a hub id, a GGUF file or `offline:NAME` (resolved by `sources`; GGUF
 tensors are dequantized by `gguf_io`), or one of our checkpoints.
 
-Loading reads safetensors through a memory map (our own 30-line reader: numpy has no bfloat16, so
-`safetensors.numpy` cannot hand out bf16 tensors) and builds each parameter with
-`jax.make_array_from_callback`: every device asks only for its own shard, so a sharded 7B model is
-never materialised whole on the host. HF stores Linear weights [out, in]; we store [in, out] and
-stack layers on a leading axis, so the callback transposes and stacks per requested slice.
+Loading reads safetensors one tensor at a time with plain file reads (our own 30-line reader:
+numpy has no bfloat16, so `safetensors.numpy` cannot hand out bf16 tensors; no memory map, whose
+pages would stay resident and count against the host) and builds each parameter with
+`jax.make_array_from_callback` straight into its target sharding and storage dtype: one
+parameter's host copy exists at a time (the layers of a stacked weight, transposed and cast), then
+every device takes only its own shard and the copy is dropped. So a sharded 7B model is never
+materialised whole on a host. HF stores Linear weights [out, in]; we store [in, out] and stack
+layers on a leading axis.
 
 Export streams the other way: one HF tensor at a time from device to a safetensors file, split
 into shards with an index above `max_shard_bytes`. Tied embeddings write no `lm_head.weight`.
@@ -47,7 +50,7 @@ TOKENIZER_FILES = (
 
 
 class SafetensorsFile:
-    """Lazy reader: `get(name)` is a zero-copy read-only view into the memory-mapped file."""
+    """Lazy reader: `get(name)` reads that tensor's bytes (and nothing else) into a new array."""
 
     def __init__(self, path: pathlib.Path):
         self.path = path
@@ -61,7 +64,6 @@ class SafetensorsFile:
             raise MtrError(f"{path}: not a readable safetensors file ({e})") from None
         self.header = {k: v for k, v in header.items() if k != "__metadata__"}
         self.offset = 8 + n
-        self._mm = None
 
     def keys(self):
         return self.header.keys()
@@ -73,12 +75,13 @@ class SafetensorsFile:
         info = self.header[name]
         if info["dtype"] not in _ST_DTYPES:
             raise MtrError(f"{self.path}: tensor '{name}' has unsupported dtype {info['dtype']}")
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         start, end = info["data_offsets"]
         dt = np.dtype(_ST_DTYPES[info["dtype"]])
-        raw = self._mm[self.offset + start : self.offset + end]
-        if raw.size != dt.itemsize * int(np.prod(info["shape"], dtype=np.int64)):
+        try:
+            raw = np.fromfile(self.path, dtype=np.uint8, count=max(end - start, 0), offset=self.offset + start)
+        except (OSError, ValueError) as e:
+            raise MtrError(f"{self.path}: cannot read tensor '{name}' ({e})") from None
+        if end < start or raw.size != end - start or raw.size != dt.itemsize * int(np.prod(info["shape"], dtype=np.int64)):
             raise MtrError(f"{self.path}: tensor '{name}' is truncated")
         return raw.view(dt).reshape(info["shape"])
 
@@ -269,19 +272,20 @@ def load_hf_params(path_or_hub_id, dtype: str = "float32", mesh=None, shardings=
         plan.append((path, names, transpose, shape, stacked))
     params: dict = {}
     for path, names, transpose, shape, stacked in plan:
-
-        def fetch(name, idx, transpose=transpose):
-            a = weights[name].get(name)
-            a = a.T if transpose else a
-            return np.asarray(a[idx], dtype=target)
-
-        def cb(index, names=names, stacked=stacked, fetch=fetch):
-            if not stacked:
-                return fetch(names[0], tuple(index))
-            rows = range(*index[0].indices(len(names)))
-            return np.stack([fetch(names[i], tuple(index[1:])) for i in rows])
-
-        arr = jax.make_array_from_callback(tuple(shape), _get_path(shardings, path), cb)
+        # this parameter's host copy, in the storage dtype and our layout: each HF tensor read once
+        if stacked:
+            full = np.empty(tuple(shape), target)
+            for i, n in enumerate(names):
+                a = weights[n].get(n)
+                full[i] = a.T if transpose else a
+                del a
+        else:  # a view of what was read when it is already in the storage dtype: no second copy
+            a = weights[names[0]].get(names[0])
+            full = np.asarray(a.T if transpose else a, target)
+            del a
+        arr = jax.make_array_from_callback(tuple(shape), _get_path(shardings, path), lambda idx, full=full: full[idx])
+        arr.block_until_ready()  # the transfers are done with `full` before the next one is built
+        del full
         _set_path(params, path, arr)
         for r in {id(weights[n]): weights[n] for n in names}.values():
             getattr(r, "clear", lambda: None)()  # a GGUF reader's dequantized copies are no longer needed
@@ -414,6 +418,31 @@ def copy_tokenizer_files(src, dst) -> int:
 # CLI.
 
 
+def _peak_rss_gib() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss would include a forking parent's)."""
+    try:
+        return [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0] / 2**20
+    except (OSError, IndexError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _mesh_arg(text: str) -> dict:
+    """'data=1,fsdp=-1' -> {'data': 1, 'fsdp': -1}, or MtrError."""
+    out = {}
+    for part in str(text).split(","):
+        k, sep, v = part.partition("=")
+        k = k.strip()
+        if not sep or k not in ("data", "fsdp", "tensor"):
+            raise MtrError(f"--mesh {text!r}: expected AXIS=N pairs over data, fsdp, tensor (e.g. fsdp=-1)")
+        try:
+            out[k] = int(v)
+        except ValueError:
+            raise MtrError(f"--mesh {text!r}: {k}={v!r} is not an integer") from None
+    return out
+
+
 def cli_import(args) -> int:
     """`mtr import-hf --model SPEC --out DIR [--dtype]`: an HF dir, hub id, GGUF file or
     offline:NAME -> our checkpoint (step 0), with its tokenizer next to it."""
@@ -426,10 +455,14 @@ def cli_import(args) -> int:
         paths.check_writable(args.out, "--out")
     if out.is_dir() and any(c.name.isdigit() for c in out.iterdir()):
         raise MtrError(f"--out {out} already holds a checkpoint; choose an empty directory")
+    from mtr_jax.parallel.mesh import make_mesh
+
+    # one tensor at a time, each straight into its shard of the mesh (a 7B never sits whole on a host)
+    mesh = make_mesh(_mesh_arg(getattr(args, "mesh", None) or "fsdp=-1"))
     src = sources.resolve(args.model)
     if src.kind == "checkpoint":
         raise MtrError(f"--model {args.model}: already one of our checkpoints (nothing to import)")
-    params, cfg = load_hf_params(src, dtype=args.dtype or "float32")
+    params, cfg = load_hf_params(src, dtype=args.dtype or "float32", mesh=mesh)
     try:
         tok_dir = sources.tokenizer_dir(src.path)
     except MtrError as e:  # the weights are still worth importing; say so and go on
@@ -446,7 +479,9 @@ def cli_import(args) -> int:
         with paths.local_dir_for_write(out / "tokenizer") as d:
             ntok = copy_tokenizer_files(tok_dir, d)
     n = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
-    print(f"imported {args.model} -> {out} ({n / 1e6:.1f}M params, {cfg.param_dtype}{', tokenizer' if ntok else ''})")
+    peak = _peak_rss_gib()
+    print(f"imported {args.model} -> {out} ({n / 1e6:.1f}M params, {cfg.param_dtype}{', tokenizer' if ntok else ''}; "
+          f"mesh {dict(mesh.shape)}, peak host RSS {peak:.2f} GiB)")
     return 0
 
 
