@@ -1,6 +1,6 @@
-"""Kill anywhere: SFT and GRPO runs SIGKILLed at 5 moments each (4 drawn at random over the
-training time, one the instant a checkpoint save is under way), each time restarted the way a user
-would (`resume` when a checkpoint exists, else from scratch), end bitwise equal to an uninterrupted
+"""Kill anywhere: SFT and GRPO runs SIGKILLed at 5 moments each (4 drawn at random: a random step
+past the last checkpoint, a random moment inside it; one the instant a checkpoint save is under
+way), each time restarted the way a user would (`resume` when a checkpoint exists, else from scratch), end bitwise equal to an uninterrupted
 run, with every step logged exactly once."""
 
 from __future__ import annotations
@@ -69,6 +69,16 @@ def _last_step(run) -> int:
         return 0
 
 
+def _logged(run) -> int:
+    """The last step in metrics.jsonl (the run writes it as each step ends)."""
+    try:
+        lines = open(os.path.join(run, "metrics.jsonl")).read().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(l).get("step", 0) for l in lines[-3:] if l.strip().endswith("}")]
+    return max(steps, default=0)
+
+
 def _finish(p):
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
@@ -96,10 +106,13 @@ def test_sigkill_at_random_moments_resumes_bitwise(tmp_path, stage):
                 time.sleep(0.001)
             mid_save = p.poll() is None and _saving(cut)
             moments.append("mid-save")
-        else:
-            # a random moment within what is left of the run (a restart resumes at its last checkpoint)
-            delay = rng.uniform(0.05, 0.8) * train_s * max(1 - _last_step(cut) / n, 0.25)
-            moments.append(round(delay, 2))
+        else:  # a random step past the last checkpoint, and a random moment inside it
+            target = rng.randint(_last_step(cut) + 1, n - 1)
+            t0 = time.perf_counter()
+            while p.poll() is None and _logged(cut) < target and time.perf_counter() - t0 < 300:
+                time.sleep(0.002)
+            delay = rng.uniform(0.0, 1.0) * train_s / n
+            moments.append(f"step {target + 1} +{delay:.2f}s")
             time.sleep(delay)
         if p.poll() is not None:  # it finished before the moment came
             _finish(p)
