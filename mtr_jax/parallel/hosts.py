@@ -34,7 +34,7 @@ def multi() -> bool:
     return jax.process_count() > 1
 
 
-def _gather(x: np.ndarray) -> np.ndarray:
+def gather(x: np.ndarray) -> np.ndarray:
     """[process_count, *x.shape]: every process's x (same shape and dtype on all)."""
     from jax.experimental import multihost_utils
 
@@ -45,27 +45,27 @@ def agree_max(*vals: int) -> tuple[int, ...]:
     """Each value's maximum over the processes (a bucket, a length): one all-gather for all."""
     if not multi():
         return tuple(int(v) for v in vals)
-    return tuple(int(v) for v in _gather(np.asarray(vals, np.int64)).max(axis=0))
+    return tuple(int(v) for v in gather(np.asarray(vals, np.int64)).max(axis=0))
 
 
 def agree_min(*vals: int) -> tuple[int, ...]:
     if not multi():
         return tuple(int(v) for v in vals)
-    return tuple(int(v) for v in _gather(np.asarray(vals, np.int64)).min(axis=0))
+    return tuple(int(v) for v in gather(np.asarray(vals, np.int64)).min(axis=0))
 
 
 def any_(flag: bool) -> bool:
     """True when the flag is true on any process (e.g. "a row is still running")."""
-    return bool(flag) if not multi() else bool(_gather(np.asarray([bool(flag)], np.int32)).max())
+    return bool(flag) if not multi() else bool(gather(np.asarray([bool(flag)], np.int32)).max())
 
 
 def all_(flag: bool) -> bool:
-    return bool(flag) if not multi() else bool(_gather(np.asarray([bool(flag)], np.int32)).min())
+    return bool(flag) if not multi() else bool(gather(np.asarray([bool(flag)], np.int32)).min())
 
 
 def total(x: float) -> float:
     """The sum of a host-local number over the processes."""
-    return float(x) if not multi() else float(_gather(np.asarray([float(x)], np.float64)).sum())
+    return float(x) if not multi() else float(gather(np.asarray([float(x)], np.float64)).sum())
 
 
 def gather_rows(x: np.ndarray) -> np.ndarray:
@@ -77,8 +77,8 @@ def gather_rows(x: np.ndarray) -> np.ndarray:
     (n_max,) = agree_max(x.shape[0])
     pad = np.zeros((n_max,) + x.shape[1:], x.dtype)
     pad[: x.shape[0]] = x
-    sizes = _gather(np.asarray([x.shape[0]], np.int64))[:, 0]
-    allx = _gather(pad)
+    sizes = gather(np.asarray([x.shape[0]], np.int64))[:, 0]
+    allx = gather(pad)
     return np.concatenate([allx[i, : sizes[i]] for i in range(len(sizes))], axis=0)
 
 
@@ -88,10 +88,10 @@ def gather_objects(objs: list) -> list:
         return list(objs)
     blob = np.frombuffer(json.dumps(objs, ensure_ascii=False).encode(), np.uint8)
     size = np.asarray([blob.size], np.int64)
-    sizes = _gather(size)[:, 0]
+    sizes = gather(size)[:, 0]
     buf = np.zeros(int(sizes.max()), np.uint8)
     buf[: blob.size] = blob
-    allb = _gather(buf)
+    allb = gather(buf)
     out: list = []
     for i, n in enumerate(sizes):
         out.extend(json.loads(allb[i, :n].tobytes().decode()))

@@ -264,9 +264,7 @@ class Sampler:
         (L,) = hosts.agree_max(len(first))
         mine = np.full((L + 1,), -1, np.int64)
         mine[0], mine[1:len(first) + 1] = n_pre, first
-        from jax.experimental import multihost_utils
-
-        allp = np.asarray(multihost_utils.process_allgather(mine))
+        allp = hosts.gather(mine)
         n = int(allp[:, 0].min())
         diff = np.nonzero((allp[:, 1:n + 1] != allp[:1, 1:n + 1]).any(axis=0))[0]
         return int(diff[0]) if diff.size else n
