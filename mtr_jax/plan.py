@@ -6,21 +6,33 @@ What is counted (bytes per device, under the config's mesh and the sharding rule
 - parameters: every weight in `model.param_dtype`, sharded over fsdp x tensor where it divides.
 - optimizer state: AdamW as built by `train/optim.py` -- first moment in float32 (bfloat16 with
   `optim.mu_dtype`), second moment in the param dtype (optax keeps `nu` like the params); the params themselves are the master weights.
-- gradients + update temporaries: the float32 gradient accumulator of `train/step.py`, one
-  micro-batch's gradients (param dtype) and optax's float32 update tree.
+- gradients: one micro-batch's gradients (param dtype), alive with the activations during the
+  backward pass, plus the float32 accumulator of `train/step.py` when `grad_accum` > 1 (one
+  micro-batch -- every GRPO minibatch -- has none).
+- optimizer update: optax's float32 update tree, built after the backward pass beside the summed
+  gradients. So a train step peaks at max(backward, update) beyond the persistent state: with
+  remat, a 0.5B step of a few thousand tokens peaks in the UPDATE (8 bytes per parameter).
 - reference model: a second copy of the parameters when `grpo.beta > 0`.
 - sampler KV cache: k and v [layers, B x G rows, grpo.max_len, kv heads, head dim] in the compute
   dtype, rows sharded over data x fsdp, plus the prompts' prefill cache.
-- activations: per micro-batch rows on this device x sequence length. The model materialises the
-  attention scores [rows, heads, T, T] in float32, so the estimate is
-      no remat:  L x (2.96 x att + 7.16 x lin) + 2.95 x logits
-      remat:     L x h + max(2.57 x att + 8.5 x lin, 1.67 x logits) + logits
-  with att = rows*heads*T*T*4, lin = rows*T*(hidden+intermediate)*4, logits = rows*T*cols*4 (cols: the
-  vocabulary, or one chunk of the vocabulary-chunked loss when it is larger than 32768),
-  h = rows*T*hidden*4. The coefficients were fitted to XLA's compiled memory analysis of the real
-  train step on CPU (tests/test_plan.py re-checks a few configs within 25%).
-- GRPO also runs a no-grad log-prob forward over all B x G episodes at once (old/ref log-probs):
-  1.8 x att + 1.7 x lin (one layer at a time) + 2.7 x logits (log-softmax, entropy probabilities).
+- activations: per micro-batch rows on this device. A full-row micro-batch is `rows` rows of T; GRPO's
+  shared-prompt update (`grpo.share_prompt`, `grpo_shapes`) is each group's prompt once [groups, P]
+  plus the completions [rows, C] against P + C keys, with the LM head at completion positions only.
+  The model materialises the attention scores [rows, heads, Tq, Tk] in float32, so per segment
+  att = rows*heads*Tq*Tk*4, lin = rows*Tq*(hidden+intermediate)*4, h = rows*Tq*hidden*4, and
+      no remat:  L x sum(2.96 x att + 7.16 x lin) + head
+      remat:     L x sum(h) + max(max over segments(2.57 x att + 8.5 x lin), head') (+ logits, dense head)
+  The dense head (vocabulary <= 32768) holds logits = positions*V*4: head = 2.95 x logits, head' =
+  1.67 x logits. The vocabulary-chunked head (`train.losses.head_logp_entropy`, e.g. 151936 -> 8
+  chunks of 18992) never holds [positions, V]: head = head' = 4 x one chunk's logits (its scan
+  body is rematerialised, remat or not). The coefficients were fitted to XLA's compiled memory
+  analysis of the real train step on small configs (2 layers, hidden 64; the chunked head's with
+  the real vocabulary); tests/test_plan.py re-checks them within 25%, and
+  `python -m mtr_jax.bench.plan_check` checks them at the real Qwen2.5-0.5B shape, which they were
+  not fitted to.
+- GRPO also runs a no-grad log-prob forward over one minibatch (old/ref log-probs): the hidden
+  states + max(one layer's 1.8 x att + 1.7 x lin, the head's transients): 2.7 x logits + logits
+  (dense) or 2 x one chunk (chunked).
 
 The peak is persistent state (params, optimizer, reference) + the largest phase (update,
 log-prob forward, sampling). FITS means peak <= 90% of the device memory (XLA needs headroom for
@@ -53,6 +65,11 @@ _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "tpu-v4": "v4", "tpu-v5e": "v5e
 NO_REMAT = (2.96, 7.16, 2.95)
 REMAT = (2.57, 8.5, 1.67)
 FORWARD = (1.8, 1.7, 2.7)  # no-grad log-prob forward (GRPO old/ref log-probs)
+# The vocabulary-chunked head (train.losses.head_logp_entropy, vocabularies > 32768) holds this many
+# [positions, chunk] float32 buffers at once: in a backward pass (its scan body is rematerialised, so
+# nothing of it is saved, remat or not) and in a no-grad forward. Measured on 2-layer, hidden-64
+# configs with the real 151936 vocabulary (re-checked in tests/test_plan.py), not on the real model.
+CHUNKED_HEAD = (4.0, 2.0)
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -196,23 +213,48 @@ def causal_fraction(T: int, blk: int = 0) -> float:
     return n * (n + 1) / 2 / (n * n)
 
 
-def activation_bytes(mcfg, rows: int, T: int, tensor: int = 1, remat: bool | None = None) -> float:
-    """Train-step activations of one device holding `rows` rows of length T (see module doc)."""
-    E, I, H, L, V = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_attention_heads, mcfg.num_hidden_layers, mcfg.vocab_size
+def _segment_terms(mcfg, rows: int, Tq: int, Tk: int, tensor: int, causal: bool) -> tuple[float, float, float]:
+    """(att, lin, h) bytes of one layer for `rows` rows of Tq queries against Tk keys (see module doc)."""
+    E, I, H = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_attention_heads
     th = tensor if H % tensor == 0 and mcfg.num_key_value_heads % tensor == 0 else 1
-    tv = tensor if V % tensor == 0 else 1
     ti = tensor if I % tensor == 0 else 1
-    att = rows * (H / th) * T * T * 4 * causal_fraction(T, getattr(mcfg, "attention_block", 0))
-    lin = rows * T * (E + I / ti) * 4
-    logits = rows * T * head_columns(V / tv) * 4
+    frac = causal_fraction(Tq, getattr(mcfg, "attention_block", 0)) if causal else 1.0
+    return rows * (H / th) * Tq * Tk * 4 * frac, rows * Tq * (E + I / ti) * 4, rows * Tq * E * 4
+
+
+def segments(mcfg, rows: int, T: int, shared: tuple | None = None) -> tuple[list, int]:
+    """What one training micro-batch runs: ([(rows, Tq, Tk, causal)], positions that reach the LM
+    head). Full rows: `rows` rows of T. GRPO's shared-prompt layout (`shared` = (groups, P, C)):
+    each group's prompt once ([groups, P], causal) and the completions ([rows, C] against P + C
+    keys); only completion positions reach the head."""
+    if shared is None:
+        return [(rows, T, T, True)], rows * T
+    q, P, C = shared
+    return [(q, P, P, True), (rows, C, P + C, False)], rows * C
+
+
+def activation_bytes(mcfg, rows: int, T: int, tensor: int = 1, remat: bool | None = None, shared: tuple | None = None) -> float:
+    """Train-step activations of one device holding `rows` rows of length T, or the shared-prompt
+    layout `shared` = (groups, P, C) (see module doc). The two parts of the shared layout run as two
+    layer scans, so their rematerialised transients do not coexist; their saved activations do."""
+    segs, n_head = segments(mcfg, rows, T, shared)
+    terms = [_segment_terms(mcfg, r, tq, tk, tensor, c) for r, tq, tk, c in segs]
+    L, V = mcfg.num_hidden_layers, mcfg.vocab_size
+    tv = tensor if V % tensor == 0 else 1
+    chunked = head_columns(V / tv) < V / tv
+    logits = n_head * head_columns(V / tv) * 4
     remat = mcfg.remat if remat is None else remat
     if remat:
         a, b, c = REMAT
+        layer = max(a * att + b * lin for att, lin, _ in terms)
+        saved = L * sum(h for _, _, h in terms)
         # remat_policy "dots" is planned as "full": XLA:CPU's compiled step with dots saveable measured
         # within 10% of this (tests/test_plan.py); a separate term overestimated it by 50%
-        return L * rows * T * E * 4 + max(a * att + b * lin, c * logits) + logits
+        if chunked:
+            return saved + max(layer, CHUNKED_HEAD[0] * logits)
+        return saved + max(layer, c * logits) + logits
     a, b, c = NO_REMAT
-    return L * (a * att + b * lin) + c * logits
+    return L * sum(a * att + b * lin for att, lin, _ in terms) + (CHUNKED_HEAD[0] if chunked else c) * logits
 
 
 def head_columns(v: float) -> float:
@@ -223,20 +265,35 @@ def head_columns(v: float) -> float:
     return v if v <= VOCAB_CHUNK else vocab_chunk(int(v))
 
 
-def _forward_only_bytes(mcfg, rows: int, T: int, tensor: int, logits: bool = True) -> float:
-    """A no-grad forward (to log-probs): one layer's transients at a time + the float32 logits."""
+def _forward_only_bytes(mcfg, rows: int, T: int, tensor: int, shared: tuple | None = None) -> float:
+    """A no-grad forward to log-probs: nothing is saved for a backward, so the phases follow each
+    other -- one layer's transients at a time, then the LM head's -- beside the hidden states."""
     a, b, c = FORWARD
-    E, I, H, V = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_attention_heads, mcfg.vocab_size
-    th = tensor if H % tensor == 0 and mcfg.num_key_value_heads % tensor == 0 else 1
+    segs, n_head = segments(mcfg, rows, T, shared)
+    terms = [_segment_terms(mcfg, r, tq, tk, tensor, causal) for r, tq, tk, causal in segs]
+    V = mcfg.vocab_size
     tv = tensor if V % tensor == 0 else 1
-    ti = tensor if I % tensor == 0 else 1
-    layer = a * rows * (H / th) * T * T * 4 + b * rows * T * (E + I / ti) * 4
-    return layer + (c * rows * T * head_columns(V / tv) * 4 if logits else 0.0)
+    layer = max(a * att + b * lin for att, lin, _ in terms)
+    h = sum(h for _, _, h in terms)
+    cols = head_columns(V / tv)
+    logits = n_head * cols * 4
+    if cols < V / tv:  # the chunked head is its own scan after the layers: the two peaks follow each other
+        return h + max(layer, CHUNKED_HEAD[1] * logits)
+    return h + max(layer, c * logits) + logits  # the dense head's [N, V] logits stay beside, as in the remat step
 
 
 def _bucket(n: int, multiple: int = 128) -> int:
     """The GRPO update's sequence length: episodes padded to a multiple of 128 (worst case max_len)."""
     return -(-n // multiple) * multiple
+
+
+def grpo_shapes(g) -> tuple[int, int]:
+    """(P, C) the plan assumes for GRPO's shared-prompt update: the prompt budget `max_len` leaves
+    after `max_turns` x `max_new_tokens` (at least 64), padded as `episodes_to_shared_batch` pads
+    (P to a multiple of 128, C to a power of two >= 64), and completions filling the rest."""
+    P = _bucket(max(64, g.max_len - g.max_turns * g.max_new_tokens))
+    C = max(64, 1 << (max(g.max_len - P, 1) - 1).bit_length())
+    return P, C
 
 
 def _rows_per_device(rows: int, batch_div: int, what: str) -> int:
@@ -264,16 +321,23 @@ def estimate(cfg, mcfg, mesh_sizes: tuple[int, int, int], stage: str) -> dict:
         proj = proj_elems_per_device(mcfg, mesh_sizes)
         params_bytes = (n_dev - proj) * bb + (proj * 1 if lc.base_quant == "int8" else proj * bb) + n_train * 4
         pb = 4  # the adapters
+    accum = cfg.sft.grad_accum if stage == "sft" else 1  # GRPO steps one minibatch at a time
     out = {
         "params": params_bytes,
         "optimizer": n_train * (mu_b + pb),
-        "gradients": n_train * (4 + pb + 4),
+        # alive beside the activations: one micro-batch's gradients, plus the float32 accumulator
+        # when several micro-batches are summed (train/step.py skips it for one)
+        "gradients": n_train * (pb + (4 if accum > 1 else 0)),
+        # optax's float32 update tree, built after the backward pass beside the (summed) gradients
+        "update": n_train * 4,
         "reference": 0.0,
         "kv_cache": 0.0,
         "activations": 0.0,
         "logprob_forward": 0.0,
         "sampler_prefill": 0.0,
     }
+    summed = n_train * (4 if accum > 1 else pb)  # what the update reads: the accumulator, or the one micro-batch's
+    update_phase = summed + out["update"]
     bdiv = data * fsdp
     if stage == "sft":
         s = cfg.sft
@@ -281,36 +345,43 @@ def estimate(cfg, mcfg, mesh_sizes: tuple[int, int, int], stage: str) -> dict:
             raise MtrError(f"sft.batch_size={s.batch_size} is not a multiple of sft.grad_accum={s.grad_accum}")
         rows = _rows_per_device(s.batch_size // s.grad_accum, bdiv, "sft.batch_size / sft.grad_accum")
         out["activations"] = activation_bytes(mcfg, rows, s.seq_len, tensor)
-        phases = [out["gradients"] + out["activations"]]
+        phases = [out["gradients"] + out["activations"], update_phase]
     elif stage == "grpo":
         g = cfg.grpo
         n_rows = g.batch_size * g.group_size
         if g.minibatches < 1 or n_rows % g.minibatches:
             raise MtrError(f"grpo.minibatches={g.minibatches} does not divide B*G={n_rows}")
         T = _bucket(g.max_len)
-        rows = _rows_per_device(n_rows // g.minibatches, bdiv, "grpo.batch_size x group_size / minibatches")
-        out["activations"] = activation_bytes(mcfg, rows, T, tensor)
+        per_mb = n_rows // g.minibatches
+        rows = _rows_per_device(per_mb, bdiv, "grpo.batch_size x group_size / minibatches")
+        shared = None
+        if g.share_prompt and per_mb % g.group_size == 0:  # as GRPOTrainer._update chooses its layout
+            P, C = grpo_shapes(g)
+            groups = per_mb // g.group_size
+            shared = (groups // bdiv if groups % bdiv == 0 else groups, P, C)  # prompts split like rows, if they divide
+        out["activations"] = activation_bytes(mcfg, rows, T, tensor, shared=shared)
         all_rows = -(-n_rows // bdiv)
         # old-policy / reference log-probs run one minibatch at a time; on-policy updates (mu = 1,
         # one minibatch) skip the old-policy forward, so only beta > 0 needs it
-        chunk_rows = -(-(n_rows // g.minibatches) // bdiv)
         needs_forward = g.beta > 0 or not (g.mu == 1 and g.minibatches == 1)
-        out["logprob_forward"] = _forward_only_bytes(mcfg, chunk_rows, T, tensor) if needs_forward else 0.0
+        out["logprob_forward"] = _forward_only_bytes(mcfg, rows, T, tensor, shared) if needs_forward else 0.0
         if g.beta and not (lc is not None and lc.enabled):
             out["reference"] = out["params"]
         # KV cache: rows sharded over data x fsdp (sampler BATCH_AXES), kv heads replicated
         per_row = 2 * mcfg.num_hidden_layers * g.max_len * mcfg.num_key_value_heads * mcfg.head_dim * cb
         prompts = -(-g.batch_size // bdiv)
         out["kv_cache"] = (all_rows + prompts) * per_row
-        prompt_len = max(64, g.max_len - g.max_turns * g.max_new_tokens)  # assumed prompt budget
+        prompt_len = grpo_shapes(g)[0]
         # prefill: prompt rows x prompt_len queries against a cache of max_len slots
         a, b, _ = FORWARD
         th = tensor if mcfg.num_attention_heads % tensor == 0 and mcfg.num_key_value_heads % tensor == 0 else 1
         out["sampler_prefill"] = prompts * (a * (mcfg.num_attention_heads / th) * prompt_len * g.max_len * 4
                                             + b * prompt_len * (mcfg.hidden_size + mcfg.intermediate_size) * 4)
-        phases = [out["gradients"] + out["activations"], out["logprob_forward"], out["kv_cache"] + out["sampler_prefill"]]
+        phases = [out["gradients"] + out["activations"], update_phase, out["logprob_forward"],
+                  out["kv_cache"] + out["sampler_prefill"]]
     else:
         raise MtrError(f"plan: unknown stage {stage!r}")
+    out["train_step"] = max(phases[:2])  # the train step's own peak beyond persistent state
     persistent = out["params"] + out["optimizer"] + out["reference"]
     out["peak"] = persistent + max(phases)
     out["n_params"] = n_total
@@ -373,7 +444,8 @@ def make_plan(cfg, stages: list[str] | None = None) -> dict:
 _ROWS = [
     ("params", "parameters"),
     ("optimizer", "optimizer state (AdamW)"),
-    ("gradients", "gradients + update temporaries"),
+    ("gradients", "gradients (during the backward)"),
+    ("update", "optimizer update temporaries"),
     ("reference", "reference model (grpo.beta>0)"),
     ("kv_cache", "sampler KV cache"),
     ("sampler_prefill", "sampler prefill activations"),
