@@ -1,6 +1,7 @@
 """The real-model demo, reduced (`mtr demo --small`): every stage on the real offline Qwen2.5 —
 zero-shot eval, LoRA SFT with trainable tool-call rows, GRPO, merged export that transformers
-reloads and runs with tool calls. Marked real_model (about 5 min on 2 CPU cores)."""
+reloads and runs with tool calls. Marked real_model and slow (about 3 min on 2 AVX-512 cores, 12 min on
+2 AVX2-only cores)."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 
 from util import REPO
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 
 def test_real_demo_small_end_to_end(tmp_path):
