@@ -14,6 +14,7 @@ import yaml
 
 from mtr_jax.config import load_config
 from mtr_jax.errors import MtrError
+from mtr_jax.bench.plan_check import _peak
 from mtr_jax.plan import GiB, estimate, make_plan, model_config, parse_accelerator
 from util import REPO, run_with_devices
 
@@ -25,11 +26,6 @@ def _cfg(**over):
     base = {"model": {"preset": "tiny", "arch": dict(ARCH)}, "mesh": {"data": -1}, "run": {"accelerator": "cpu"}}
     items = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in over.items()]
     return load_config(None, items, base=base)
-
-
-def _peak(compiled) -> int:
-    m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
 
 
 @pytest.mark.parametrize(
