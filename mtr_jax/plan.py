@@ -9,9 +9,11 @@ What is counted (bytes per device, under the config's mesh and the sharding rule
 - gradients: one micro-batch's gradients (param dtype), alive with the activations during the
   backward pass, plus the float32 accumulator of `train/step.py` when `grad_accum` > 1 (one
   micro-batch -- every GRPO minibatch -- has none).
-- optimizer update: optax's float32 update tree, built after the backward pass beside the summed
-  gradients. So a train step peaks at max(backward, update) beyond the persistent state: with
-  remat, a 0.5B step of a few thousand tokens peaks in the UPDATE (8 bytes per parameter).
+- optimizer update: after the backward pass, beside the summed gradients. On one device
+  `train.optim.AdamW.apply` writes params and moments in place a chunk at a time (its only
+  leaf-sized temporary: a copy of the largest bfloat16 first moment); on a mesh the leaves are
+  not chunked and XLA builds optax's float32 update tree (4 bytes a parameter). A train step peaks
+  at max(backward, update) beyond the persistent state.
 - reference model: a second copy of the parameters when `grpo.beta > 0`.
 - sampler KV cache: k and v [layers, B x G rows, grpo.max_len, kv heads, head dim] in the compute
   dtype, rows sharded over data x fsdp, plus the prompts' prefill cache.
@@ -328,8 +330,11 @@ def estimate(cfg, mcfg, mesh_sizes: tuple[int, int, int], stage: str) -> dict:
         # alive beside the activations: one micro-batch's gradients, plus the float32 accumulator
         # when several micro-batches are summed (train/step.py skips it for one)
         "gradients": n_train * (pb + (4 if accum > 1 else 0)),
-        # optax's float32 update tree, built after the backward pass beside the (summed) gradients
-        "update": n_train * 4,
+        # train.optim.AdamW.apply on one device: in place, a chunk at a time; the one leaf-sized
+        # temporary is the uint16 view of the largest bfloat16 first moment (the embedding's). On a
+        # mesh the leaves are not chunked and XLA builds optax's float32 update tree
+        "update": (n_train * 4 if data * fsdp * tensor > 1
+                   else (mcfg.vocab_size * mcfg.hidden_size * 2 if mu_b == 2 and n_train == n_dev else 0)),
         "reference": 0.0,
         "kv_cache": 0.0,
         "activations": 0.0,

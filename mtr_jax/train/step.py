@@ -51,8 +51,11 @@ def make_train_step(loss_num, denom_fn, tx, donate: bool = True):
         # `where(ok, new, old)` over every leaf: that keeps the old and the new state alive together
         def apply(operands):
             g, o, p = operands
-            updates, new_o = tx.update(g, o, p)
-            new_p = optax.apply_updates(p, updates)
+            if hasattr(tx, "apply"):  # train.optim.AdamW: no update tree beside the gradients
+                new_p, new_o = tx.apply(g, o, p, gnorm)
+            else:
+                updates, new_o = tx.update(g, o, p)
+                new_p = optax.apply_updates(p, updates)
             return jax.tree_util.tree_map(lambda n, old: n.astype(old.dtype), new_p, p), new_o
 
         new_params, new_opt = jax.lax.cond(ok, apply, lambda operands: (operands[2], operands[1]),
