@@ -80,11 +80,9 @@ class AdamW(optax.GradientTransformation):
                 return param(p, m, v), m, v
             return _in_chunks(moments, param, p, g, m, v)
 
-        out = jax.tree.map(leaf, params, grads, adam.mu, adam.nu)
-        is_triple = lambda x: isinstance(x, tuple)  # noqa: E731
-        new_p = jax.tree.map(lambda t: t[0], out, is_leaf=is_triple)
-        mu = jax.tree.map(lambda t: t[1], out, is_leaf=is_triple)
-        nu = jax.tree.map(lambda t: t[2], out, is_leaf=is_triple)
+        treedef = jax.tree.structure(params)
+        out = [leaf(*a) for a in zip(*(treedef.flatten_up_to(t) for t in (params, grads, adam.mu, adam.nu)))]
+        new_p, mu, nu = (treedef.unflatten(list(x)) for x in zip(*out))
         new_adam = optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
         new_sched = optax.ScaleByScheduleState(count=optax.safe_increment(sched_state.count))
         return new_p, (clip_state, (new_adam, decay_state, new_sched))
