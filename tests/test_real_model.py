@@ -134,12 +134,18 @@ def test_float32_logits_match_transformers(ours, hf_model, tokenizer):
 
 
 def test_bfloat16_top1_agreement_and_kl(ours, hf_model, tokenizer):
+    """Our bf16 compute against the exact model it approximates: transformers in float32 arithmetic on
+    the same bf16-rounded weights (so every difference is our bf16 arithmetic, not the oracle's; and
+    PyTorch's bf16 matmul has no fast path on AVX2-only CPUs: ~1 GFLOP/s, this test took 283 s)."""
     import torch
 
     params, cfg = ours
     cfg16 = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
     p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
-    hf16 = copy.deepcopy(hf_model).to(torch.bfloat16)
+    hf16 = copy.deepcopy(hf_model)
+    with torch.no_grad():
+        for w in hf16.parameters():
+            w.copy_(w.to(torch.bfloat16).to(torch.float32))
     agree, kls, n = 0, [], 0
     for q in QUESTIONS:
         ids = _chat_ids(tokenizer, q)
@@ -149,12 +155,12 @@ def test_bfloat16_top1_agreement_and_kl(ours, hf_model, tokenizer):
         n += len(ids)
         la = a - np.logaddexp.reduce(a, axis=-1, keepdims=True)
         lb = b - np.logaddexp.reduce(b, axis=-1, keepdims=True)
-        kls.append((np.exp(lb) * (lb - la)).sum(-1))  # KL(transformers || ours) per position
+        kls.append((np.exp(lb) * (lb - la)).sum(-1))  # KL(exact || ours) per position
     del hf16
     kl = np.concatenate(kls)
     print(f"\nbf16 real weights, {n} positions: top-1 agreement {agree / n:.4f}, KL mean {kl.mean():.3g}, max {kl.max():.3g}")
     assert agree / n >= 0.99
-    assert kl.mean() < 0.01
+    assert kl.mean() < 2e-3  # measured 1.8e-4 (AVX2 CPU, 2026-12-06); against transformers in bf16 the bound was 0.01
 
 
 def test_greedy_64_tokens_equal_transformers_generate(ours, hf_model, tokenizer):

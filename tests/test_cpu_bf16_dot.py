@@ -1,0 +1,114 @@
+"""Low-precision matmuls on a CPU without bf16 hardware (qwen2._lp_dot): a large one runs as a float32
+matmul of the exact upcasts of its bf16 operands, a small one (decode) stays bf16. Both paths are forced
+here with MTR_CPU_BF16_DOT, whatever this CPU has, and checked against each other and against float32."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtr_jax.model import qwen2
+from util import tiny_config
+
+BF16, F32 = jnp.bfloat16, jnp.float32
+
+
+@pytest.fixture
+def mode(monkeypatch):
+    def set_mode(m: str) -> None:
+        monkeypatch.setenv("MTR_CPU_BF16_DOT", m)
+        qwen2._cpu_lacks_bf16_dot.cache_clear()
+
+    yield set_mode
+    qwen2._cpu_lacks_bf16_dot.cache_clear()  # the next call probes again, with the environment restored
+
+
+def _dot_operand_dtypes(fn, *args) -> list[str]:
+    """The element types of every dot_general's operands in fn's lowered program."""
+    text = jax.jit(fn).lower(*args).as_text()
+    return re.findall(r"stablehlo\.dot_general.*?: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)", text)
+
+
+def test_upcast_only_where_it_pays(mode):
+    mode("upcast")
+    x, w = jnp.zeros((256, 96), BF16), jnp.zeros((96, 512), BF16)
+    assert qwen2._upcast_pays("te,ef->tf", x, w)
+    assert not qwen2._upcast_pays("te,ef->tf", x[:16], w)  # 16 rows: a decode step
+    assert not qwen2._upcast_pays("te,ef->tf", x.astype(F32), w.astype(F32))
+    q, k = jnp.zeros((2, 1, 2, 4, 16), BF16), jnp.zeros((2, 512, 2, 16), BF16)
+    assert not qwen2._upcast_pays("btgrd,bsgd->bgrts", q, k)  # decode attention: 1 token x 4 heads
+    q = jnp.zeros((2, 128, 2, 4, 16), BF16)
+    assert qwen2._upcast_pays("btgrd,bsgd->bgrts", q, k)  # prefill attention
+    mode("native")
+    assert not qwen2._upcast_pays("te,ef->tf", x, w)
+
+
+@pytest.mark.parametrize("m,want", [("upcast", "f32"), ("native", "bf16")])
+def test_forward_and_backward_matmuls_run_in_the_chosen_dtype(mode, m, want):
+    mode(m)
+    x, w = jnp.ones((256, 160), BF16), jnp.ones((160, 384), BF16)  # every matmul has >= 128 rows a side
+
+    def f(x, w):
+        return qwen2.mp_einsum("te,ef->tf", x, w, BF16).sum()
+
+    dots = _dot_operand_dtypes(jax.value_and_grad(f, argnums=(0, 1)), x, w)
+    assert len(dots) == 3  # the forward and the two gradient matmuls
+    assert all(d == (want, want) for d in dots), dots
+
+
+def test_upcast_equals_native_bf16_matmul(mode):
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(256, 160), BF16)
+    w = jnp.asarray(rng.randn(160, 320) * 0.1, BF16)
+    ct = jnp.asarray(rng.randn(256, 320), F32)
+
+    def run():
+        out, vjp = jax.vjp(lambda a, b: qwen2.mp_einsum("te,ef->tf", a, b, BF16), x, w)
+        return (out, *vjp(ct))
+
+    mode("native")
+    ref = jax.jit(lambda: run())()  # a new function each time: jit caches traces per function object
+    mode("upcast")
+    got = jax.jit(lambda: run())()
+    # the same products of bf16 numbers, summed in float32 either way: equal up to the summation order
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(ref[0]), rtol=1e-5, atol=1e-5)
+    for g, r in zip(got[1:], ref[1:]):  # gradients are returned in bf16: at most one bf16 rounding apart
+        assert g.dtype == r.dtype == BF16
+        g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+        assert np.all(np.abs(g - r) <= 2.0**-7 * np.abs(r) + 1e-6), float(np.max(np.abs(g - r)))
+
+
+def test_bf16_model_upcast_equals_native_and_tracks_float32(mode):
+    """A whole bf16 model (scan, remat, prefill-sized attention) through both paths: the two agree with
+    each other more closely than native bf16 agrees with float32, and the upcast path is no further
+    from float32 than the native one (a wrong contraction would be off by O(1))."""
+    cfg = tiny_config(hidden_size=128, intermediate_size=256, tie_word_embeddings=False, remat=True)
+    params = qwen2.init_params(cfg, jax.random.key(3), std=0.1)
+    ids = np.random.RandomState(4).randint(0, 256, (2, 160))
+
+    def loss(p, c):
+        lp = jax.nn.log_softmax(qwen2.forward(p, c, ids)[:, :-1], -1)
+        return -jnp.take_along_axis(lp, ids[:, 1:, None], -1).mean()
+
+    def run(c):
+        return jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, c)
+
+    l32, g32 = run(cfg)
+    mode("native")
+    ln, gn = run(cfg.replace(dtype="bfloat16"))
+    mode("upcast")
+    lu, gu = run(cfg.replace(dtype="bfloat16"))
+    assert abs(float(lu) - float(ln)) <= 1e-3 * abs(float(ln))
+    for (path, a), n, u in zip(jax.tree_util.tree_leaves_with_path(g32), jax.tree_util.tree_leaves(gn),
+                               jax.tree_util.tree_leaves(gu)):
+        def rel(x, ref):
+            return float(jnp.linalg.norm(x - ref) / (jnp.linalg.norm(ref) + 1e-12))
+
+        native_to32, upcast_to32, between = rel(n, a), rel(u, a), rel(u, n)
+        assert native_to32 < 3e-2, (path, native_to32)
+        assert between < native_to32, (path, between, native_to32)
+        assert upcast_to32 < 1.25 * native_to32 + 1e-3, (path, upcast_to32, native_to32)
