@@ -14,7 +14,8 @@ prefill (end=0), one decode step (C=1) and appending a tool response (C>1, rows 
 lengths) are the same function.
 
 Dtypes: `param_dtype` is what is stored; `dtype` is the compute dtype; every matmul accumulates in
-float32 (`preferred_element_type`), norms and softmax run in float32.
+float32 (`preferred_element_type`), norms and softmax run in float32. On an x86 CPU without bf16 matmul
+hardware a large bf16 matmul runs as a float32 one on the exact upcasts (`_lp_dot`: faster there).
 """
 
 from __future__ import annotations
