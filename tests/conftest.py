@@ -17,23 +17,3 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-# Under `-n 2 --dist loadfile` (CI, the README): the files that each peak at several GB (the real
-# 0.5B model in JAX and in PyTorch; three JAX processes at once) are one unit of work, so one worker
-# runs them one after another and the two never overlap on a 24 GB machine.
-HEAVY_FILES = {"tests/test_real_model.py", "tests/test_distributed.py"}
-
-try:
-    from xdist.scheduler import LoadFileScheduling
-except ImportError:  # pytest-xdist is in the test extra; without it the tests run in one process
-    LoadFileScheduling = None
-
-if LoadFileScheduling is not None:
-
-    class _HeavyFilesTogether(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            scope = super()._split_scope(nodeid)
-            return "heavy files" if scope in HEAVY_FILES else scope
-
-    def pytest_xdist_make_scheduler(config, log):
-        return _HeavyFilesTogether(config, log) if config.getoption("dist") == "loadfile" else None
