@@ -1,6 +1,8 @@
 """Multi-turn rollouts: assembly against the chat-template renderer, and sampler log-probs against a
 teacher-forced forward pass, with a real jitted sampler on a tiny random model."""
 
+from types import SimpleNamespace
+
 import jax
 import numpy as np
 import pytest
@@ -55,7 +57,11 @@ class ReplaySampler:
         return params
 
     def start(self, params, prompts, group_size=1):
-        return None
+        return SimpleNamespace(n_rows=len(self.turns))
+
+    def keep_rows(self, state, rows):  # finished rows leave the batch, as Sampler.keep_rows does
+        self.turns = [self.turns[r] for r in rows]
+        return SimpleNamespace(n_rows=len(rows))
 
     def generate(self, params, state, *, max_new_tokens, sampling, key, active=None):
         n = len(self.turns)
@@ -126,3 +132,29 @@ def test_random_model_multi_turn_logprobs_match_teacher_forcing(world):
         assert len(runs) == e.counters["turns"]
         from mtr_jax.traces.render import tool_turn_ids
         assert gaps == [tool_turn_ids(tok, [o]) for o in e.observations][: len(gaps)]
+
+
+def test_finished_rows_leave_the_batch_with_the_same_tokens(world):
+    """Greedy episodes that end at different turns (a random model; an eighth of the vocabulary
+    ends a turn, so some turns run out of tokens): with compaction the finished rows leave the
+    batch (12 rows in a bucket of 16, then 8, then 4), and every token, log-prob and end reason is
+    what the full batch gives."""
+    train, tools, _, actor, tok = world
+    cfg = qwen2.Qwen2Config(vocab_size=(len(tok) + 63) // 64 * 64, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
+    params = qwen2.init_params(cfg, jax.random.PRNGKey(2), std=0.2)
+    enders = [tok.convert_tokens_to_ids("<|im_end|>")] + list(range(300, 300 + len(tok) // 8))
+    runs = {}
+    for compact in (False, True):
+        sampler = Sampler(cfg, cache_len=1024, eos_ids=enders, pad_id=tok.pad_token_id)
+        eps = run_episodes(sampler, params, tok, train, tools, actor, group_size=2, max_turns=4, max_new_tokens=12,
+                           max_len=1024, compact=compact)
+        runs[compact] = (eps, sampler._select._cache_size())
+    (full, n_full), (small, n_small) = runs[False], runs[True]
+    turns = sorted(e.counters["turns"] for e in full)
+    assert turns[0] < turns[-1], turns  # the episodes end at different turns
+    assert n_full == 0 and n_small >= 1  # the batch was compacted (once per smaller bucket)
+    for a, b in zip(full, small):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+        assert (a.end_reason, a.counters, a.observations) == (b.end_reason, b.counters, b.observations)

@@ -353,6 +353,14 @@ def test_sharded_8_devices_same_greedy_tokens():
     assert "OK 8 (6, 32)" in out, out
 
 
+def test_row_buckets_pad_little():
+    """Row buckets as vLLM sizes its CUDA graphs: powers of two to 8, multiples of 8 to 512, then
+    powers of two (an eval batch of 100 runs 104 rows, not 128); on the CPU no 1-row programs."""
+    s = Sampler(CFG, cache_len=64, eos_ids=[])
+    got = {n: s._batch_bucket(n) for n in (1, 2, 3, 5, 9, 16, 17, 100, 511, 513, 1500)}
+    assert got == {1: 2, 2: 2, 3: 4, 5: 8, 9: 16, 16: 16, 17: 24, 100: 104, 511: 512, 513: 1024, 1500: 2048}, got
+
+
 def test_shared_prefix_prefill_equals_full_prefill():
     """Prompts with a common 40-token prefix (then suffixes of different lengths, one empty): the
     prefix is prefilled once; tokens equal a full prefill's, log-probs and the cache to 1e-5, and

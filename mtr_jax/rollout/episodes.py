@@ -74,8 +74,12 @@ def run_episodes(
     max_len: int = 1024,
     key=None,
     system_prompt: str | None = None,
+    compact: bool = True,
 ) -> list[Episode]:
-    """Runs len(records) * group_size episodes in one batch (row = record_index * G + g)."""
+    """Runs len(records) * group_size episodes in one batch (row = record_index * G + g at the
+    start). `compact`: after each turn the finished episodes' rows leave the batch whenever a
+    smaller row bucket holds the rest (`Sampler.keep_rows`), so later turns cost only the
+    episodes still running; the tokens are the same either way."""
     key = jax.random.PRNGKey(0) if key is None else key
     params = sampler.rollout_params(params)  # one compute-dtype copy for the whole rollout
     system_prompt = system_prompt or trace_render.SYSTEM_PROMPT
@@ -96,6 +100,7 @@ def run_episodes(
             for g in range(group_size):
                 eps[p * group_size + g].end_reason, done[p * group_size + g] = "prompt_too_long", True
     state = sampler.start(params, prompts, group_size=group_size)
+    slot = np.arange(n)  # episode i is row slot[i] of the sampler's batch (-1: left it)
     for turn in range(max_turns):
         active = ~done
         # several processes run each turn together: the loop ends, and the budget is set, globally
@@ -108,23 +113,26 @@ def run_episodes(
             for i in np.nonzero(active)[0]:
                 eps[i].end_reason, done[i] = "max_len", True
             break
-        state, out = sampler.generate(params, state, max_new_tokens=budget, sampling=sampling, key=sub, active=active)
+        row_active = np.zeros(state.n_rows, bool)
+        row_active[slot[active]] = True
+        state, out = sampler.generate(params, state, max_new_tokens=budget, sampling=sampling, key=sub,
+                                      active=row_active)
         pending = []  # (row, call, tools, record)
         format_errors: dict[int, str] = {}
         appended: list[list[int]] = [[] for _ in range(n)]
         for i in np.nonzero(active)[0]:
-            e = eps[i]
-            L = int(out.lengths[i])
-            toks = [int(t) for t in out.tokens[i, :L]]
+            e, r = eps[i], slot[i]
+            L = int(out.lengths[r])
+            toks = [int(t) for t in out.tokens[r, :L]]
             e.token_ids += toks
             e.loss_mask += [1] * L
-            e.logprobs += [float(x) for x in out.policy_logprobs[i, :L]]
+            e.logprobs += [float(x) for x in out.policy_logprobs[r, :L]]
             text = tokenizer.decode(toks, skip_special_tokens=False)
             e.turn_texts.append(text)
             e.counters["turns"] += 1
             e.messages.append(trace_render.assistant_text_to_message(text))
-            if out.stop_reason[i] != "eos":
-                e.end_reason, done[i] = ("length" if out.stop_reason[i] == "length" else str(out.stop_reason[i])), True
+            if out.stop_reason[r] != "eos":
+                e.end_reason, done[i] = ("length" if out.stop_reason[r] == "length" else str(out.stop_reason[r])), True
                 continue
             parsed = trace_parse.parse_turn(text)
             if parsed.kind == "answer":
@@ -169,8 +177,17 @@ def run_episodes(
             e.token_ids += ids
             e.loss_mask += [0] * len(ids)
             e.logprobs += [0.0] * len(ids)
+        if compact:  # before the append: its prefill runs on the rows that go on only
+            live = np.nonzero(~done & (slot >= 0))[0]
+            smaller = sampler.keep_rows(state, slot[live])
+            if smaller is not state:
+                state, slot = smaller, np.full(n, -1)
+                slot[live] = np.arange(len(live))
         if hosts.any_(any(appended)):
-            state = sampler.append(params, state, appended)
+            rows: list[list[int]] = [[] for _ in range(state.n_rows)]
+            for i in np.nonzero(slot >= 0)[0]:
+                rows[slot[i]] = appended[i]
+            state = sampler.append(params, state, rows)
         elif not hosts.any_((~done).any()):
             break
     for i in range(n):
