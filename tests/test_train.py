@@ -339,6 +339,34 @@ def test_grpo_shared_prompt_update_equals_full_rows(tmp_path):
     assert np.abs(p_s - p_f).max() < 1e-6 and np.abs(p_s - p0).max() > 1e-4
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_grpo_update_of_kept_groups_equals_the_padded_batch(tmp_path, share):
+    """drop_equal_groups keeps 1 group of a batch of 4: the update pads it to 1 group, not 4, and
+    gives the parameters and metrics of the update padded to the whole batch (padding rows have no
+    tokens), on both update layouts (shared prompt and full rows)."""
+    from mtr_jax.train.grpo import GRPOTrainer
+
+    out = {}
+    for drop in (True, False):
+        cfg, mc, params, tok, train, actor, tm = grpo_setting(
+            str(tmp_path / str(drop)), extra=["grpo.batch_size=4", "grpo.mu=1", "grpo.minibatches=1", "grpo.optim.warmup_steps=0",
+                                              f"grpo.drop_equal_groups={str(drop).lower()}",
+                                              f"grpo.share_prompt={str(share).lower()}"])
+        p0 = _flat(params)  # (the update donates the params' buffers)
+        tr = GRPOTrainer(cfg, mc, params, tok, train, actor, tm)
+        eps = tr.rollout(train[:1], jax.random.PRNGKey(3), 2)
+        met = tr._update(eps, np.array([0.9, -0.4], np.float32))
+        assert met["shared_prompt"] == float(share)
+        out[drop] = (_flat(tr.params), met, tr._update_groups(len(eps)))
+    (p_d, m_d, groups_d), (p_f, m_f, groups_f) = out[True], out[False]
+    assert (groups_d, groups_f) == (1, 4)
+    for k in ("loss", "kl", "entropy", "logprob_gap"):
+        assert abs(m_d[k] - m_f[k]) < 1e-6, (k, m_d[k], m_f[k])
+    assert abs(m_d["grad_norm"] - m_f["grad_norm"]) <= 1e-5 * m_f["grad_norm"]
+    # AdamW's first step moves each parameter by ~lr = 1e-3; 1e-5 is 1% of that (summation order)
+    assert np.abs(p_d - p_f).max() < 1e-5 and np.abs(p_d - p0).max() > 1e-4 and m_d["loss"] != 0
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input at the CLI: one line, exit 2.
 

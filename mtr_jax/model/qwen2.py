@@ -236,13 +236,16 @@ def _cpu_lacks_bf16_dot() -> bool:
     return "avx512_bf16" not in flags and "amx_bf16" not in flags
 
 
-UPCAST_MIN_ROWS = 128  # below this many rows on either side the upcast costs more than it saves (decode)
+# below this many rows on either side the upcast costs more than it saves. A whole 0.5B decode step's
+# matmuls (2-core AVX2): 0.47x at 8 rows, 0.79x at 48, 1.08x at 64, 1.13-1.19x at 96-128
+UPCAST_MIN_ROWS = 64
 
 
 def _upcast_pays(spec: str, a, b) -> bool:
     """Whether this low-precision einsum should run as a float32 one (see `_cpu_lacks_bf16_dot`): only on
     the CPU backend, and only when both operands have at least UPCAST_MIN_ROWS free (non-contracted,
-    non-batch) rows; measured on AVX2: 0.76x at 16 rows, 1.18x at 128, 1.3-1.4x at 256 and up."""
+    non-batch) rows; measured on AVX2: 0.76x at 16 rows (one 896x4864 matmul), 1.08x at 64 (a decode
+    step's matmuls), 1.18x at 128, 1.3-1.4x at 256 and up."""
     if a.dtype == jnp.float32 or jax.default_backend() != "cpu" or not _cpu_lacks_bf16_dot():
         return False
     ins, out = spec.split("->")

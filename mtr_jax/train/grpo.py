@@ -249,15 +249,16 @@ class GRPOTrainer:
         g = self.g
         n = len(eps)
         mbs = g.minibatches
-        rows = g.batch_size * g.group_size
+        groups = self._update_groups(n)
+        rows = groups * g.group_size
         shared = None
         if g.share_prompt and (rows // mbs) % g.group_size == 0:  # minibatches hold whole groups
-            shared = episodes_to_shared_batch(eps, g.batch_size, g.group_size, self.pad_id, g.max_len)
+            shared = episodes_to_shared_batch(eps, groups, g.group_size, self.pad_id, g.max_len)
             if hosts.multi():  # one layout and one shape on every process
                 ok = hosts.all_(shared is not None)
                 shape = (shared["prompts"].shape[1], shared["completions"].shape[1]) if shared is not None else (0, 0)
                 shape = hosts.agree_max(*shape)
-                shared = episodes_to_shared_batch(eps, g.batch_size, g.group_size, self.pad_id, g.max_len,
+                shared = episodes_to_shared_batch(eps, groups, g.group_size, self.pad_id, g.max_len,
                                                   shape=shape) if ok else None
         if shared is not None:
             b = shared
@@ -310,6 +311,19 @@ class GRPOTrainer:
         out["logprob_gap"] = gap
         out["shared_prompt"] = float(shared is not None)
         return out
+
+    def _update_groups(self, n: int) -> int:
+        """Groups the update pads to. With `drop_equal_groups` only the groups that carry an
+        advantage are kept (DAPO's dynamic sampling): pad them to a power of two (a few shapes,
+        so few compiles), not to batch_size, so the update costs what the kept groups cost.
+        Padding rows have no tokens and no episode, so the loss and gradient are the same either
+        way. Several minibatches (their split would change), a mesh or several processes (rows
+        split over devices): the row layout stays fixed."""
+        g = self.g
+        if not g.drop_equal_groups or g.minibatches > 1 or self.mesh is not None or hosts.multi():
+            return g.batch_size
+        kept = max(-(-n // g.group_size), 1)
+        return min(1 << (kept - 1).bit_length(), g.batch_size)
 
     def _full_rows(self, eps, rows):
         g = self.g
