@@ -9,9 +9,11 @@ appended continuation, and a row's length is always `cache end + 1` (`SamplerSta
 A row may grow to at most `cache_len` tokens.
 
 Static shapes. Prompt/append chunk lengths, batch sizes and the output buffer (max_new_tokens) are
-padded to buckets (powers of two by default), so a long run compiles a handful of programs:
+padded to buckets (powers of two by default; rows: powers of two to 8, then multiples of 8 to 512, as
+vLLM sizes its CUDA graphs), so a long run compiles a handful of programs:
 `start` per (prompt batch, chunk, row batch) bucket, `generate` per (batch, max_new bucket, attention window bucket,
-greedy-only?, top-k/top-p used?), `append` per (batch, chunk) bucket. Values that change per call
+greedy-only?, top-k/top-p used?), `append` per (batch, chunk) bucket, `keep_rows` per (old, new) row
+bucket. Values that change per call
 (temperatures, top-k, top-p, max_new_tokens, the key, which rows are active) are traced. The
 cache is donated: a state passed to `generate`/`append` is consumed; use the returned one.
 
