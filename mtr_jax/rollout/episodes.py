@@ -177,8 +177,9 @@ def run_episodes(
             e.token_ids += ids
             e.loss_mask += [0] * len(ids)
             e.logprobs += [0.0] * len(ids)
-        if compact:  # before the append: its prefill runs on the rows that go on only
-            live = np.nonzero(~done & (slot >= 0))[0]
+        # before the append, so its prefill runs on the rows that go on only; not once all are done
+        if compact and hosts.any_((~done).any()):
+            live = np.nonzero(~done)[0]
             smaller = sampler.keep_rows(state, slot[live])
             if smaller is not state:
                 state, slot = smaller, np.full(n, -1)
