@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--batch", type=int, default=None, help="override the workload's batch size")
             sp.add_argument("--prompt", type=int, default=None, help="sample: prompt tokens; forward: sequence length")
             sp.add_argument("--new", type=int, default=None, help="sample: new tokens per row")
-            sp.add_argument("--case", choices=["decode", "prefix"], default="decode",
-                            help="sample: decode throughput (default) or prefix-caching prefill")
+            sp.add_argument("--case", choices=["decode", "prefix", "quant"], default="decode",
+                            help="sample: decode throughput (default), prefix-caching prefill, or an int8 copy vs the unquantized weights")
+            sp.add_argument("--quant", choices=["int8", "int8-dynamic"], default=None,
+                            help="sample --case quant: weight-only int8, or W8A8 with dynamic activation scales (default)")
             sp.add_argument("--remat-policy", choices=["full", "dots", "none"], default=None,
                             help="forward at a preset: what a layer keeps for the backward (default full; none = no remat)")
         if name == "plan":

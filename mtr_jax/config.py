@@ -159,6 +159,8 @@ class GRPOConfig:
     w_consistency: float = 0.5
     format_penalty: float = -1.0
     correctness: str = "em"  # em | f1
+    # rollouts from an int8 copy of the policy, made once per step: none | int8 | int8-dynamic (model/quant.py)
+    rollout_quant: str = "none"
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0))
 
 
@@ -169,6 +171,7 @@ class EvalConfig:
     max_new_tokens: int = 64
     max_len: int = 1024
     batch_size: int = 8  # questions per batch, per process
+    quant: str = "none"  # sample from an int8 copy of the weights: none | int8 | int8-dynamic (model/quant.py)
 
 
 @dataclass
@@ -322,13 +325,22 @@ def read_yaml(path: str | pathlib.Path) -> dict:
     return data
 
 
+# int8 sampling copies (model/quant.py)
+QUANT_MODES = ("none", "int8", "int8-dynamic")
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
     """YAML file (optional) + dotted overrides -> validated `Config`."""
     data: dict = dict(base or {})
     if path:
         data = _deep_merge(data, read_yaml(path))
     data = apply_overrides(data, list(overrides or []))
-    return from_dict(Config, data)
+    cfg = from_dict(Config, data)
+    for key, value, allowed in (("eval.quant", cfg.eval.quant, QUANT_MODES),
+                                ("grpo.rollout_quant", cfg.grpo.rollout_quant, QUANT_MODES)):
+        if value not in allowed:  # before any model loads
+            raise MtrError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

@@ -204,7 +204,10 @@ def eval_rows(cfg, model_cfg, params, tok, records, toolmaker, actor):
     from mtr_jax.rollout.episodes import run_episodes
     from mtr_jax.sampling import Sampler, SamplingParams
 
+    from mtr_jax.model import quant
+
     e = cfg.eval
+    params, model_cfg = quant.for_sampling(params, model_cfg, e.quant)
     eos = [t for t in (tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id) if t is not None]
     sampler = Sampler(model_cfg, cache_len=e.max_len, eos_ids=eos, pad_id=tok.pad_token_id or 0)
 

@@ -19,6 +19,7 @@ import json
 import numpy as np
 
 from mtr_jax import paths
+from mtr_jax.model import quant
 from mtr_jax.parallel import hosts
 
 
@@ -138,8 +139,10 @@ def cli(args) -> int:
     datasets = load_datasets(cfg, limit=limit, on_error="skip")
     actor, toolmaker = make_actor(cfg, out_dir, for_eval=True), make_toolmaker(cfg)  # never the gold answer
     check_tools(actor, toolmaker)
+    quant.validate(cfg.eval.quant, "eval.quant")
     mesh, model_cfg, params = setup_model(cfg)
     e = cfg.eval
+    params, model_cfg = quant.for_sampling(params, model_cfg, e.quant)
     eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     sampler = Sampler(model_cfg, cache_len=e.max_len, eos_ids=[i for i in eos if i is not None],
                       pad_id=tokenizer.pad_token_id or 0, mesh=mesh)

@@ -163,6 +163,37 @@ def test_bfloat16_top1_agreement_and_kl(ours, hf_model, tokenizer):
     assert kl.mean() < 2e-3  # measured 1.8e-4 (AVX2 CPU, 2026-12-06); against transformers in bf16 the bound was 0.01
 
 
+def test_int8_sampling_copy_at_the_real_shape(ours, tokenizer):
+    """The int8 copies `eval.quant` / `grpo.rollout_quant` sample from, at vocab 151936 with the untied
+    head: weight-only int8 run by transformers on the dequantized weights (the oracle) equals our int8
+    forward; both modes stay close to the float32 model they approximate."""
+    import torch
+
+    from mtr_jax.model import lora, quant
+    from mtr_jax.model.hf_io import torch_model
+
+    params, cfg = ours
+    ids = _chat_ids(tokenizer, QUESTIONS[2])
+    full = _our_logits(params, cfg, ids).astype(np.float64)
+    lf = full - np.logaddexp.reduce(full, axis=-1, keepdims=True)
+    for mode, min_agree, max_kl in (("int8", 0.97, 0.005), ("int8-dynamic", 0.93, 0.03)):  # measured 0.984 / 1.0e-3, 0.963 / 6.8e-3
+        qp, qcfg = quant.for_sampling(params, cfg, mode)
+        assert qp["lm_head"]["int8"].shape == (896, 151936)
+        a = _our_logits(qp, qcfg, ids).astype(np.float64)
+        if mode == "int8":
+            deq = dict(lora.dequantized(qp), lm_head=lora.dequantize(qp["lm_head"]))
+            hf = torch_model(deq, qcfg)
+            b = _hf_logits(hf, ids)
+            del hf
+            rel = float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+            assert rel <= 1e-4, rel
+        la = a - np.logaddexp.reduce(a, axis=-1, keepdims=True)
+        agree = float((a.argmax(-1) == full.argmax(-1)).mean())
+        kl = float((np.exp(lf) * (lf - la)).sum(-1).mean())
+        print(f"\n{mode} vs float32, {len(ids)} positions: top-1 agreement {agree:.4f}, KL mean {kl:.3g}")
+        assert agree >= min_agree and kl < max_kl
+
+
 def test_greedy_64_tokens_equal_transformers_generate(ours, hf_model, tokenizer):
     import torch
 

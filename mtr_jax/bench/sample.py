@@ -104,6 +104,8 @@ def run(args) -> dict:
     with matmul_precision(dtype):
         if getattr(args, "case", "decode") == "prefix":
             return _run_prefix(args, dtype)
+        if getattr(args, "case", "decode") == "quant":
+            return _run_quant(args, dtype)
         return _run(args, dtype)
 
 
@@ -169,6 +171,110 @@ def _run_prefix(args, dtype: str) -> dict:
         "weights": weights, "shared_s": round(t_shared, 4), "whole_s": round(t_whole, 4),
         "cache_max_rel_diff": diff,
         "greedy_8_tokens_equal": bool(np.array_equal(oa.tokens, ob.tokens)),
+    }
+
+
+def _run_quant(args, dtype: str) -> dict:
+    """Int8 sampling (`--quant int8|int8-dynamic`, model/quant.py): the same sampler on an int8 copy of
+    the weights against the unquantized weights, same prompts, same run, alternating. Also what the
+    quantization costs in accuracy: greedy tokens equal to the unquantized model's, and the mean
+    |log-prob| gap of the int8 model's greedy tokens scored by the unquantized model (what GRPO's
+    `logprob_gap` shows with `grpo.rollout_quant`). With a real-weights preset the prompts are MTR
+    prompts (system + tools + a question), else random tokens."""
+    from mtr_jax.bench import REAL_WEIGHTS, bench_model
+    from mtr_jax.model import quant
+
+    mode = getattr(args, "quant", None) or "int8-dynamic"
+    quant.validate(mode, "--quant")
+    quick = bool(getattr(args, "quick", False))
+    preset = getattr(args, "preset", None)
+    if preset:
+        cfg, params, weights = bench_model(preset, dtype, dtype)
+    else:
+        sh = _shapes(quick)
+        cfg = qwen2.Qwen2Config(**sh["model"], max_position_embeddings=4096, rope_theta=10000.0,
+                                tie_word_embeddings=True, dtype=dtype, param_dtype=dtype)
+        params = jax.device_put(qwen2.init_params(cfg, jax.random.key(0)))
+        weights = "random"
+    B = getattr(args, "batch", None) or 8
+    N = getattr(args, "new", None) or (16 if quick else 64)
+    if preset in REAL_WEIGHTS and weights.startswith("real"):
+        from transformers import AutoTokenizer
+
+        from mtr_jax.model import sources
+        from mtr_jax.tools.toolmaker import template_tools
+        from mtr_jax.traces import render
+
+        tok = AutoTokenizer.from_pretrained(str(sources.tokenizer_dir(REAL_WEIGHTS[preset])))
+        prompts = [render.render_prompt_ids(tok, render.build_messages(
+            f"Who directed {_SUBJECTS[i % len(_SUBJECTS)]}, and in which city was that director born?"),
+            template_tools("bridge")) for i in range(B)]
+        kind = "MTR prompts"
+    else:
+        rng = np.random.default_rng(0)
+        T = getattr(args, "prompt", None) or (32 if quick else 128)
+        prompts = [list(map(int, rng.integers(1, cfg.vocab_size, T))) for _ in range(B)]
+        kind = "random tokens"
+    T = max(len(p) for p in prompts)
+    qparams, qcfg = quant.for_sampling(params, cfg, mode)
+    jax.block_until_ready(qparams)
+    plain = Sampler(cfg, cache_len=T + N, eos_ids=[])
+    q8 = Sampler(qcfg, cache_len=T + N, eos_ids=[])
+    _log(f"{kind} of {min(len(p) for p in prompts)}-{T} tokens, batch {B}, {N} new, {dtype}, {weights} weights, "
+         f"int8 copy: {mode}")
+
+    def gen(s, p):
+        t0 = time.perf_counter()
+        st = s.start(p, prompts)
+        jax.block_until_ready(st.cache["k"])
+        t1 = time.perf_counter()
+        st, out = s.generate(p, st, max_new_tokens=N, sampling=GREEDY, key=0)
+        t2 = time.perf_counter()
+        return t2 - t0, t2 - t1, out
+
+    gen(plain, params), gen(q8, qparams)  # compile
+    R = 2 if quick else 3
+    best = {"plain": (float("inf"), float("inf")), "int8": (float("inf"), float("inf"))}
+    outs = {}
+    for _ in range(R):  # alternating
+        for name, s, p in (("plain", plain, params), ("int8", q8, qparams)):
+            tot, dec, outs[name] = gen(s, p)
+            best[name] = (min(best[name][0], tot), min(best[name][1], dec))
+    t_q = time.perf_counter()
+    jax.block_until_ready(quant.for_sampling(params, cfg, mode)[0])
+    quantize_s = time.perf_counter() - t_q
+    a, b = outs["int8"].tokens, outs["plain"].tokens
+    diverge = [int(np.argmax(np.append(x != y, True))) for x, y in zip(a, b)]
+    # the int8 model's tokens scored by the unquantized model (teacher forcing): the rollout gap
+    score = jax.jit(lambda p, t: jax.nn.log_softmax(qwen2.forward(p, cfg, t).astype(jnp.float32), -1))
+    gaps = []
+    for i, pr in enumerate(prompts):
+        seq = jnp.asarray([list(pr) + list(map(int, a[i]))], jnp.int32)
+        lp = np.asarray(score(params, seq))[0, len(pr) - 1:len(pr) - 1 + N]
+        want = np.take_along_axis(lp, np.asarray(a[i])[:, None], 1)[:, 0]
+        gaps.append(np.abs(want - outs["int8"].plain_logprobs[i]))
+    gap = float(np.mean(gaps))
+    q_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(qparams))
+    w_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    tps = {k: B * N / v[0] for k, v in best.items()}
+    _log(f"int8 ({mode}): {tps['int8']:.1f} tok/s, decode {1e3 * best['int8'][1] / N:.1f} ms/step; "
+         f"{dtype}: {tps['plain']:.1f} tok/s, decode {1e3 * best['plain'][1] / N:.1f} ms/step; "
+         f"greedy equal before divergence {sum(diverge)}/{B * N}; mean |logprob gap| {gap:.4f}")
+    dev = jax.devices()[0]
+    return {
+        "workload": "sample", "case": "quant", "unit": "tokens/s",
+        "ours": round(tps["int8"], 2), "peer": round(tps["plain"], 2),
+        "peer_name": f"the same sampler on the unquantized {dtype} weights",
+        "ratio": round(tps["int8"] / tps["plain"], 3),
+        "device": f"{dev.platform}:{getattr(dev, 'device_kind', dev.platform)} ({os.cpu_count()} cores)",
+        "shape": {"batch": B, "prompt_tokens_max": T, "new_tokens": N, "dtype": dtype, "quant": mode, "prompts": kind},
+        "weights": weights,
+        "decode_ms_per_step": {"int8": round(1e3 * best["int8"][1] / N, 3), dtype: round(1e3 * best["plain"][1] / N, 3)},
+        "prefill_s": {"int8": round(best["int8"][0] - best["int8"][1], 4), dtype: round(best["plain"][0] - best["plain"][1], 4)},
+        "weights_MB": {"int8": round(q_bytes / 1e6, 1), dtype: round(w_bytes / 1e6, 1)},
+        "quantize_s": round(quantize_s, 3),
+        "greedy_tokens_equal_before_first_divergence": f"{sum(diverge)}/{B * N}",
+        "mean_abs_logprob_gap": round(gap, 5),
     }
 
 

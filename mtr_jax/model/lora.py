@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtr_jax.errors import MtrError
+from mtr_jax.model.quant import quantize_weight
 
 # user-facing target names (ours and peft's) -> our projection keys
 TARGETS = {"q": "q_w", "k": "k_w", "v": "v_w", "o": "o_w", "gate": "gate_w", "up": "up_w", "down": "down_w"}
@@ -189,15 +190,9 @@ QUANT_KEYS = ("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w")
 
 def quantize_base(base: dict) -> dict:
     """Each projection [L, in, out] -> {"int8": int8 [L, in, out], "scale": f32 [L, 1, out]}."""
-
-    def q(w):
-        w = w.astype(jnp.float32)
-        scale = jnp.maximum(jnp.max(jnp.abs(w), axis=1, keepdims=True), 1e-12) / 127.0
-        return {"int8": jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), "scale": scale}
-
     layers = dict(base["layers"])
     for k in QUANT_KEYS:
-        layers[k] = jax.jit(q)(layers[k])
+        layers[k] = jax.jit(quantize_weight)(layers[k])
     return dict(base, layers=layers)
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtr_jax.errors import MtrError
+from mtr_jax.model.quant import int8_matmul
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # what a rematerialised layer saves for its backward pass (`model.remat_policy`)
@@ -69,6 +70,7 @@ class Qwen2Config:
     attention_block: int = 0
     lora_alpha: float = 16.0  # LoRA scale alpha / r, applied where params hold adapters (model/lora.py)
     lora_dropout: float = 0.0  # on the adapters' input, only where a training step supplies keys (lora.with_dropout)
+    quant_activations: bool = False  # int8 weights run W8A8 (int8 x int8 matmuls; sampling only, model/quant.py)
 
     HF_FIELDS = (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -312,7 +314,7 @@ def _proj(x, lw, key: str, cfg: Qwen2Config):
     (x @ a) @ b * alpha / r when the layer holds adapters for `key` (model/lora.py)."""
     w = lw[key]
     if isinstance(w, dict):
-        out = _mm(x, w["int8"], cfg) * w["scale"][0].astype(jnp.float32)
+        out = int8_matmul(x, w, cfg.quant_activations, cfg.compute_dtype)
     else:
         out = _mm(x, w, cfg)
     a = lw.get(key + "@lora_a")
@@ -447,6 +449,8 @@ def _run_layers(cfg: Qwen2Config, params, h, positions, mask, cache_layers=None,
 
 def _head(cfg: Qwen2Config, params, h):
     x = rms_norm(h, params["final_norm"], cfg.rms_norm_eps).astype(cfg.compute_dtype)
+    if isinstance(params.get("lm_head"), dict):  # an int8 sampling copy (model/quant.py)
+        return int8_matmul(x, params["lm_head"], cfg.quant_activations, cfg.compute_dtype)
     if cfg.tie_word_embeddings:
         return mp_einsum("bte,ve->btv", x, params["embed"], cfg.compute_dtype)
     return _mm(x, params["lm_head"], cfg)

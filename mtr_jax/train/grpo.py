@@ -24,7 +24,7 @@ import numpy as np
 from mtr_jax.config import Config
 from mtr_jax import paths
 from mtr_jax.errors import MtrError
-from mtr_jax.model import lora
+from mtr_jax.model import lora, quant
 from mtr_jax.parallel import hosts
 from mtr_jax.train import losses
 from mtr_jax.train.metrics import MetricsLogger
@@ -148,6 +148,7 @@ class GRPOTrainer:
             raise MtrError(f"grpo.loss_agg={g.loss_agg!r}: expected one of {', '.join(losses.LOSS_AGGS)}")
         if (g.batch_size * g.group_size) % g.minibatches:
             raise MtrError(f"grpo.minibatches={g.minibatches} does not divide B*G={g.batch_size * g.group_size}")
+        quant.validate(g.rollout_quant, "grpo.rollout_quant")
         if g.group_size < 2:
             raise MtrError("grpo.group_size must be >= 2 (advantages are relative to the group)")
         if not records:
@@ -168,7 +169,8 @@ class GRPOTrainer:
         self.opt_state = jax.jit(self.tx.init)(params)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        self.sampler = Sampler(model_cfg, cache_len=g.max_len, eos_ids=[e for e in eos if e is not None], pad_id=self.pad_id,
+        # an int8 rollout copy runs under its own config (untied head, W8A8 for int8-dynamic)
+        self.sampler = Sampler(quant.sampling_config(model_cfg, g.rollout_quant), cache_len=g.max_len, eos_ids=[e for e in eos if e is not None], pad_id=self.pad_id,
                                mesh=mesh)
         self.sampling = SamplingParams(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
         self.logprob_fn = make_logprob_fn(model_cfg, g.temperature)
@@ -206,8 +208,10 @@ class GRPOTrainer:
         from mtr_jax.rollout.episodes import run_episodes
 
         g = self.g
+        params = self.policy() if params is None else params
+        params, _ = quant.for_sampling(params, self.model_cfg, g.rollout_quant)  # once per rollout
         return run_episodes(
-            self.sampler, self.policy() if params is None else params, self.tok, recs, [self.tools_for(r) for r in recs],
+            self.sampler, params, self.tok, recs, [self.tools_for(r) for r in recs],
             self.actor, group_size=group_size, sampling=sampling or self.sampling, max_turns=g.max_turns,
             max_new_tokens=g.max_new_tokens, max_len=g.max_len, key=key,
         )
