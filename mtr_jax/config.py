@@ -147,6 +147,10 @@ class GRPOConfig:
     scale_std: bool = True  # False = Dr. GRPO (no std division)
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     drop_equal_groups: bool = False
+    # SimpleTIR: an episode with a void turn (neither a complete tool call nor an answer, e.g. a turn
+    # cut at max_new_tokens) leaves the update and its group's statistics, instead of scoring
+    # format_penalty: that penalty otherwise pushes a weak policy to answer with no tool call
+    drop_void_turns: bool = False
     # the update runs each group's shared prompt once (same loss and gradient as full rows, tested)
     share_prompt: bool = True
     temperature: float = 1.0

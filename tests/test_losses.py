@@ -96,6 +96,23 @@ def test_group_advantages():
     np.testing.assert_allclose(losses.group_advantages(r, 4, scale_std=False)[:4], g - g.mean(), rtol=1e-6)
 
 
+def test_group_advantages_leave_out_episodes():
+    """`valid` (grpo.drop_void_turns): each group scored as if it held only its valid episodes (NumPy on
+    the subset), left-out episodes get 0, a group with one valid episode carries no signal."""
+    r = np.array([1.0, -1.0, 0.0, 0.5, -1.0, 0.3, -1.0, -1.0], np.float32)
+    v = np.array([1, 0, 1, 1, 0, 1, 0, 0], bool)
+    for scale in (True, False):
+        a = losses.group_advantages(r, 4, scale_std=scale, valid=v)
+        g = r[:4][v[:4]].astype(np.float64)
+        want = g - g.mean()
+        if scale:
+            want = want / (g.std(ddof=1) + 1e-6)
+        np.testing.assert_allclose(a[:4][v[:4]], want, rtol=1e-6)
+        np.testing.assert_allclose(a[~v], 0.0)
+        np.testing.assert_allclose(a[4:], 0.0)  # one valid episode: no spread
+    np.testing.assert_array_equal(losses.group_advantages(r, 4, valid=np.ones(8, bool)), losses.group_advantages(r, 4))
+
+
 def test_sft_loss_ignores_non_assistant_tokens():
     from util import tiny_config
     from mtr_jax.model import qwen2

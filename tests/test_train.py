@@ -367,6 +367,40 @@ def test_grpo_update_of_kept_groups_equals_the_padded_batch(tmp_path, share):
     assert np.abs(p_d - p_f).max() < 1e-5 and np.abs(p_d - p0).max() > 1e-4 and m_d["loss"] != 0
 
 
+def test_grpo_drop_void_turns_leaves_void_episodes_out_of_the_step(tmp_path):
+    """SimpleTIR's filter: with grpo.drop_void_turns an episode cut at the turn budget changes nothing in
+    the step whatever its tokens or reward (params bitwise equal); without the filter it does."""
+    from mtr_jax.train.grpo import GRPOTrainer, has_void_turn
+
+    out = {}
+    for drop in (True, False):
+        for variant in (0, 1):
+            cfg, mc, params, tok, train, actor, tm = grpo_setting(
+                str(tmp_path / f"{drop}{variant}"), extra=["grpo.mu=1", "grpo.minibatches=1", "grpo.beta=0",
+                                                           "grpo.group_size=3", "grpo.optim.warmup_steps=0",
+                                                           f"grpo.drop_void_turns={str(drop).lower()}"])
+            tr = GRPOTrainer(cfg, mc, params, tok, train, actor, tm)
+            eps = tr.rollout(train[:2], jax.random.PRNGKey(3), 3)
+            for e in eps:
+                e.end_reason = "answer"
+                e.turn_texts = ["<think>x</think><answer>y</answer>"]
+            void = eps[1]
+            void.end_reason, void.turn_texts = "length", ["<think>x: x: x: x"]
+            if variant:  # other tokens where the void episode sampled, and another reward
+                gen = [i for i, m in enumerate(void.loss_mask) if m]
+                for i in gen:
+                    void.token_ids[i] = (void.token_ids[i] + 7) % mc.vocab_size
+            assert has_void_turn(void) and not has_void_turn(eps[0])
+            tr.rollout = lambda recs, key, G, _e=eps: _e
+            tr.score = lambda es, v=variant: [{"reward": rv, "em": 0.0} for rv in
+                                              ([0.0, -1.0 if v == 0 else 0.7, 1.0, 0.2, 0.5, 0.9])]
+            met, _, _ = tr.step(train[:2], jax.random.PRNGKey(4))
+            assert met.get("void_episodes", 0) == (1 if drop else 0)
+            out[drop, variant] = _flat(tr.params)
+    assert np.array_equal(out[True, 0], out[True, 1])
+    assert np.abs(out[False, 0] - out[False, 1]).max() > 1e-6
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input at the CLI: one line, exit 2.
 

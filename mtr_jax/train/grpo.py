@@ -15,6 +15,7 @@ agreed across processes, and the logged rollout metrics are gathered over all ep
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -30,6 +31,16 @@ from mtr_jax.train import losses
 from mtr_jax.train.metrics import MetricsLogger
 from mtr_jax.train.optim import make_optimizer
 from mtr_jax.train.step import make_train_step, put_micro_batches, split_micro
+
+
+def has_void_turn(ep) -> bool:
+    """SimpleTIR's void turn: an assistant turn that is neither a complete tool call nor an answer
+    (cut at the turn's token budget, or unparseable)."""
+    from mtr_jax.traces import parse as trace_parse
+
+    if ep.end_reason == "length":
+        return True
+    return any(trace_parse.parse_turn(t).kind not in ("tool_call", "answer") for t in ep.turn_texts)
 
 
 def episodes_to_batch(eps, rows: int, length: int, pad_id: int):
@@ -230,18 +241,27 @@ class GRPOTrainer:
         scores = self.score(eps)
         t_roll = time.perf_counter() - t0
         rewards = np.array([s["reward"] for s in scores], np.float32)
-        adv = losses.group_advantages(rewards, g.group_size, scale_std=g.scale_std)
-        keep = np.ones(len(eps), bool)
-        if g.drop_equal_groups:
+        valid = ~np.array([has_void_turn(e) for e in eps], bool) if g.drop_void_turns else np.ones(len(eps), bool)
+        adv = losses.group_advantages(rewards, g.group_size, scale_std=g.scale_std, valid=valid)
+        keep = np.ones(len(eps), bool)  # whole groups: the update shares each group's prompt
+        if not valid.all():  # a void episode stays in its group's rows with no loss tokens
+            eps_upd = [e if ok else dataclasses.replace(e, loss_mask=[0] * len(e.loss_mask)) for e, ok in zip(eps, valid)]
+        else:
+            eps_upd = eps
+        if g.drop_equal_groups:  # groups whose valid episodes all scored the same carry no advantage
+            v = valid.reshape(-1, g.group_size)
             grp = rewards.reshape(-1, g.group_size)
-            keep = np.repeat(~np.all(grp == grp[:, :1], axis=1), g.group_size)
+            spread = np.where(v, grp, -np.inf).max(axis=1) > np.where(v, grp, np.inf).min(axis=1)
+            keep &= np.repeat(spread, g.group_size)
         metrics = self._rollout_metrics(eps, scores, rewards)
+        if g.drop_void_turns:
+            metrics["void_episodes"] = hosts.total((~valid).sum())
         if getattr(self.actor, "sees_answer", False):  # the training-time leak is on: say how often
             metrics["tools/answer_shown"] = hosts.total(self.actor.counters["answer_shown"])
         t1 = time.perf_counter()
         # every process joins the update if any kept a group (one with none feeds padding rows)
         if hosts.any_(keep.any()):
-            upd = self._update([e for e, k in zip(eps, keep) if k], adv[keep])
+            upd = self._update([e for e, k in zip(eps_upd, keep) if k], adv[keep])
         else:
             upd = {"skipped_groups": 1.0}
         metrics.update(upd)

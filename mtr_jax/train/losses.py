@@ -14,7 +14,8 @@ Aggregation ("loss_agg"), with N episodes and L_max = the generation-length budg
     seq-mean-token-mean      : (1/N) sum_i [ sum_t m_it l_it / sum_t m_it ]
     seq-mean-token-sum-norm  : (1/N) sum_i [ sum_t m_it l_it / L_max ]             (Dr. GRPO)
 Advantages: A_i = (r_i - mean_group(r)) / (std_group(r) + eps), std unbiased (ddof=1, as TRL and
-verl); with scale_std=False (Dr. GRPO) A_i = r_i - mean_group(r).
+verl); with scale_std=False (Dr. GRPO) A_i = r_i - mean_group(r). Episodes left out (`valid`,
+`grpo.drop_void_turns`) get A_i = 0 and do not enter their group's mean or std.
 """
 
 from __future__ import annotations
@@ -197,11 +198,18 @@ def grpo_denominator_jnp(batches, loss_agg: str):
     return jnp.sum(jnp.any(batches["segment_ids"] > 0, axis=-1))
 
 
-def group_advantages(rewards: np.ndarray, group_size: int, scale_std: bool = True, eps: float = 1e-6) -> np.ndarray:
+def group_advantages(rewards: np.ndarray, group_size: int, scale_std: bool = True, eps: float = 1e-6,
+                     valid: np.ndarray | None = None) -> np.ndarray:
+    """A_i per episode. `valid` (bool per episode) leaves episodes out of their group's statistics and
+    gives them A = 0: each group is then scored as if it held only its valid episodes."""
     r = np.asarray(rewards, np.float64).reshape(-1, group_size)
-    centred = r - r.mean(axis=1, keepdims=True)
-    if scale_std:
-        std = r.std(axis=1, ddof=1, keepdims=True) if group_size > 1 else np.zeros_like(r[:, :1])
+    v = np.ones_like(r, bool) if valid is None else np.asarray(valid, bool).reshape(-1, group_size)
+    n = v.sum(axis=1, keepdims=True)
+    mean = np.where(v, r, 0.0).sum(axis=1, keepdims=True) / np.maximum(n, 1)
+    centred = np.where(v, r - mean, 0.0)
+    if scale_std:  # unbiased (ddof=1); a group with fewer than 2 valid episodes has std 0
+        var = (centred**2).sum(axis=1, keepdims=True) / np.maximum(n - 1, 1)
+        std = np.where(n > 1, np.sqrt(var), 0.0)
         centred = centred / (std + eps)
     return centred.reshape(-1).astype(np.float32)
 
