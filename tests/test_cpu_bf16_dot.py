@@ -112,3 +112,34 @@ def test_bf16_model_upcast_equals_native_and_tracks_float32(mode):
         assert native_to32 < 3e-2, (path, native_to32)
         assert between < native_to32, (path, between, native_to32)
         assert upcast_to32 < 1.25 * native_to32 + 1e-3, (path, upcast_to32, native_to32)
+
+
+@pytest.mark.parametrize("spec,sa,sb", [
+    ("abe,abf->ef", (3, 40, 24), (3, 40, 56)),       # a weight gradient: the token dims lead
+    ("ne,nv->ev", (72, 32), (72, 96)),               # the untied head's weight gradient
+    ("nv,ne->ve", (72, 96), (72, 32)),               # the tied head's
+    ("btgrd,bsgd->bgrts", (2, 16, 2, 3, 8), (2, 16, 2, 8)),  # attention scores, tokens-first layout
+    ("bgrts,bsgd->btgrd", (2, 2, 3, 16, 16), (2, 16, 2, 8)),  # probs @ v into tokens-first: left as is
+    ("bgrtd,bgrts->bgsd", (2, 2, 3, 16, 8), (2, 2, 3, 16, 16)),  # dk: result would come out transposed
+    ("abe,ef->abf", (3, 40, 24), (24, 56)),          # already in order: no copy
+])
+def test_native_bf16_dot_reordered_operands_run_and_equal_einsum(mode, spec, sa, sb):
+    """`_lp_dot` copies a bf16 dot's operands into batch-first / contracting-last order on the CPU
+    (XLA:CPU's fast bf16 kernel wants it; a transposed result would fall back to a kernel that has no
+    bf16 x bf16 -> f32 and fails at run time). Every spec the model and the head use compiles, runs,
+    and gives the float32 einsum of the same bf16 values."""
+    mode("native")
+    a = jax.random.normal(jax.random.key(0), sa).astype(BF16)
+    b = jax.random.normal(jax.random.key(1), sb).astype(BF16)
+    got = np.asarray(jax.jit(lambda a, b: qwen2._lp_dot(spec, a, b))(a, b))
+    want = np.asarray(jnp.einsum(spec, a.astype(F32), b.astype(F32), precision="highest"))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    new_spec, _, _ = qwen2._lhs_contracting_last(spec, a, b)
+    ins, out = new_spec.split("->")
+    reordered = new_spec != spec
+    # reordered exactly when the result comes out as asked: batch dims first, contracting dims last
+    assert reordered == (spec in ("abe,abf->ef", "ne,nv->ev", "nv,ne->ve", "btgrd,bsgd->bgrts"))
+    if reordered:
+        na, nb = ins.split(",")
+        contract = [c for c in na if c in nb and c not in out]
+        assert na.endswith("".join(contract)) and out == spec.split("->")[1]

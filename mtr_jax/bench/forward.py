@@ -29,6 +29,9 @@ BATCH, SEQ = 8, 256
 # at a real preset ours runs as the shipped Qwen configs train: remat + scan over layers (the peer,
 # eager PyTorch, keeps every activation: more memory, no recomputation)
 REMAT_AT_PRESET = True
+# block-causal attention at a preset (the peer's SDPA skips the masked upper triangle too): at
+# 4 x 1024 it cuts the bf16 step on a 2-core AMX CPU from 39 s to 30 s
+ATTENTION_BLOCK = 128
 
 
 def _log(msg: str) -> None:
@@ -169,7 +172,8 @@ def _measure(dtype: str, tokens, tdev, warmup: int, iters: int, preset: str | No
         cfg, params, weights = bench_model(preset, "float32", dtype)
         policy = remat_policy or "full"
         remat = REMAT_AT_PRESET and policy != "none"
-        cfg = cfg.replace(remat=remat, scan_layers=REMAT_AT_PRESET, remat_policy=policy if remat else "full")
+        cfg = cfg.replace(remat=remat, scan_layers=REMAT_AT_PRESET, remat_policy=policy if remat else "full",
+                          attention_block=ATTENTION_BLOCK)
     else:
         cfg = qwen2.Qwen2Config(**SHAPE, dtype=dtype, param_dtype="float32")
         # std 0.1 (not 0.02) so the loss is far from log(V) and the loss check below means something
@@ -197,5 +201,6 @@ def _measure(dtype: str, tokens, tdev, warmup: int, iters: int, preset: str | No
         "peer_attention": peer.attn_implementation,
         "weights": weights,
         "remat": f"{cfg.remat_policy}" if cfg.remat else "none",
+        "attention_block": cfg.attention_block,
         "shape": {**{k: getattr(cfg, k) for k in SHAPE}, "batch": int(BATCH), "seq": int(SEQ)},
     }

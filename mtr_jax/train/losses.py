@@ -20,6 +20,8 @@ verl); with scale_std=False (Dr. GRPO) A_i = r_i - mean_group(r). Episodes left 
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,9 +59,10 @@ def vocab_chunk(vocab: int, target: int = VOCAB_CHUNK) -> int:
 
 def head_logp_entropy(params, cfg, h, targets, temperature: float = 1.0, chunk: int | None = None):
     """log p(targets) and the entropy of softmax(head(h) / temperature), never holding more than
-    [N, chunk] logits: an online logsumexp over vocabulary chunks in a `lax.scan` whose body is
-    rematerialised (`jax.checkpoint`), so the backward pass recomputes each chunk instead of
-    storing [N, V]. h: [..., E] final hidden states (before the final norm); targets: [...]."""
+    [N, chunk] logits: an online logsumexp over vocabulary chunks in a `lax.scan`, with a hand-written
+    backward (`_chunked_head`) that recomputes each chunk's logits from the saved log-normaliser, as
+    a fused cross-entropy kernel does. h: [..., E] final hidden states (before the final norm);
+    targets: [...]."""
     lead = h.shape[:-1]
     x = qwen2.rms_norm(h.reshape(-1, h.shape[-1]), params["final_norm"], cfg.rms_norm_eps).astype(cfg.compute_dtype)
     tgt = targets.reshape(-1)
@@ -69,30 +72,38 @@ def head_logp_entropy(params, cfg, h, targets, temperature: float = 1.0, chunk: 
     c = chunk or vocab_chunk(V)
     if V % c:
         raise ValueError(f"vocab chunk {c} does not divide vocab {V}")
-    N = x.shape[0]
     if c == V:  # one chunk: the plain head (no scan; what a small vocabulary costs anyway)
         logits = qwen2.mp_einsum("ne,ve->nv" if tied else "ne,ev->nv", x, w, cfg.compute_dtype)
         logp, ent = _logp_entropy(logits, tgt, temperature)
         return logp.reshape(lead), ent.reshape(lead)
+    # the weight as [chunks, c, E] (tied) or [chunks, E, c] in the compute dtype, so the scan reads
+    # one contiguous block per chunk (AD takes the gradient back to w's layout and dtype)
+    wc = w.astype(cfg.compute_dtype)
+    wc = wc.reshape(V // c, c, -1) if tied else wc.reshape(-1, V // c, c).transpose(1, 0, 2)
+    logp, ent = _chunked_head(x, wc, tgt, tied, float(temperature))
+    return logp.reshape(lead), ent.reshape(lead)
 
-    @jax.checkpoint
-    def body(carry, i):
+
+def _chunk_logits(x, wc, tied: bool, temperature: float):
+    """[N, c] float32 logits of one vocabulary chunk wc ([c, E] tied, [E, c] untied)."""
+    logits = qwen2._lp_dot("ne,ve->nv" if tied else "ne,ev->nv", x, wc)
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _chunked_head_fwd(x, wc, tgt, tied, temperature):
+    N, c = x.shape[0], wc.shape[1 if tied else 2]
+
+    def body(carry, xs):
         m, s, u, t = carry
-        if tied:
-            wc = jax.lax.dynamic_slice_in_dim(w, i * c, c, axis=0)
-            logits = qwen2.mp_einsum("ne,ve->nv", x, wc, cfg.compute_dtype)
-        else:
-            wc = jax.lax.dynamic_slice_in_dim(w, i * c, c, axis=1)
-            logits = qwen2.mp_einsum("ne,ev->nv", x, wc, cfg.compute_dtype)
-        if temperature != 1.0:
-            logits = logits / temperature
+        w_i, i = xs
+        logits = _chunk_logits(x, w_i, tied, temperature)
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         scale = jnp.exp(m - m_new)
         z = logits - m_new[:, None]
         e = jnp.exp(z)
         # u = sum e * (logit - running max): kept relative to the max so the entropy
         # log s - u / s does not cancel two logit-sized numbers
-        dm = jnp.where(s > 0, m - m_new, 0.0)  # first chunk: m = -inf and s = 0 (no 0 * inf, even in the gradient)
+        dm = jnp.where(s > 0, m - m_new, 0.0)  # first chunk: m = -inf and s = 0 (no 0 * inf)
         u = scale * (u + s * dm) + jnp.sum(e * z, axis=-1)
         s = s * scale + jnp.sum(e, axis=-1)
         local = tgt - i * c
@@ -102,9 +113,48 @@ def head_logp_entropy(params, cfg, h, targets, temperature: float = 1.0, chunk: 
 
     init = (jnp.full((N,), -jnp.inf, jnp.float32), jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.float32),
             jnp.zeros((N,), jnp.float32))
-    (m, s, u, t), _ = jax.lax.scan(body, init, jnp.arange(V // c))
+    (m, s, u, t), _ = jax.lax.scan(body, init, (wc, jnp.arange(wc.shape[0])))
     logz = m + jnp.log(s)
-    return (t - logz).reshape(lead), (jnp.log(s) - u / s).reshape(lead)
+    logp, ent = t - logz, jnp.log(s) - u / s
+    return (logp, ent), (x, wc, tgt, logz, ent)
+
+
+def _chunked_head_bwd(tied, temperature, res, g):
+    """Per chunk, from the saved log-normaliser: p = softmax, and with z = log p, H = entropy,
+    d logp / d logit_j = 1[j = target] - p_j and d H / d logit_j = -p_j (z_j + H); then the two
+    matmuls of the head's backward in x's dtype with float32 accumulation."""
+    x, wc, tgt, logz, ent = res
+    g_lp, g_ent = g
+    c = wc.shape[1 if tied else 2]
+
+    def body(dx, xs):
+        w_i, i = xs
+        z = _chunk_logits(x, w_i, tied, temperature) - logz[:, None]
+        p = jnp.exp(z)
+        onehot = jnp.arange(c)[None, :] == (tgt - i * c)[:, None]
+        dlogits = jnp.where(onehot, g_lp[:, None], 0.0) - p * (g_lp[:, None] + g_ent[:, None] * (z + ent[:, None]))
+        if temperature != 1.0:
+            dlogits = dlogits / temperature
+        dl = dlogits.astype(x.dtype)
+        if tied:
+            dx = dx + qwen2._lp_dot("nv,ve->ne", dl, w_i)
+            dw_i = qwen2._lp_dot("nv,ne->ve", dl, x)
+        else:
+            dx = dx + qwen2._lp_dot("nv,ev->ne", dl, w_i)
+            dw_i = qwen2._lp_dot("ne,nv->ev", x, dl)
+        return dx, dw_i.astype(wc.dtype)
+
+    dx, dwc = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (wc, jnp.arange(wc.shape[0])))
+    return dx.astype(x.dtype), dwc, None
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_head(x, wc, tgt, tied, temperature):
+    """(log p(tgt), entropy) of softmax(x @ head / temperature) over vocabulary chunks wc; x: [N, E]."""
+    return _chunked_head_fwd(x, wc, tgt, tied, temperature)[0]
+
+
+_chunked_head.defvjp(_chunked_head_fwd, _chunked_head_bwd)
 
 
 def token_logprobs(params, cfg, tokens, segment_ids=None, positions=None, temperature: float = 1.0):
