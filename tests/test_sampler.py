@@ -387,3 +387,32 @@ def test_shared_prefix_prefill_equals_full_prefill():
     # no common prefix (or a short one): the plain path
     shared.start(PARAMS, PROMPTS)
     assert shared._prefill._cache_size() == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fresh_prefill_equals_prefill_over_the_whole_cache(dtype):
+    """A prefill into an empty cache attends to the chunk's own keys, causally and block by block
+    (`forward_chunk(fresh=True)`), instead of to every cache slot: the same logits (float32: to 1e-5;
+    bf16: the same values in another summation order) and the same caches, for right-padded rows."""
+    from mtr_jax.sampling.decode import forward_chunk
+
+    cfg = tiny_config(dtype=dtype)
+    params = qwen2.init_params(cfg, jax.random.key(3), std=0.2)
+    B, C, S = 3, 40, 56
+    tokens = jnp.asarray(np.random.RandomState(0).randint(1, cfg.vocab_size, (B, C)), jnp.int32)
+    lengths = jnp.asarray([40, 23, 7], jnp.int32)
+    shape = (cfg.num_hidden_layers, B, cfg.num_key_value_heads, S, cfg.head_dim)
+    z = jnp.zeros(shape, cfg.compute_dtype)
+    end = jnp.zeros((B,), jnp.int32)
+    run = lambda fresh: forward_chunk(params, cfg.replace(attention_block=8), z, z, end, tokens, lengths, True, fresh=fresh)
+    (lf, kf, vf, ef), (lw, kw, vw, ew) = run(True), run(False)
+    # layer 0's keys and values are bit-identical; later layers' follow the attention's rounding
+    np.testing.assert_array_equal(np.asarray(kf[0]), np.asarray(kw[0]))
+    np.testing.assert_array_equal(np.asarray(vf[0]), np.asarray(vw[0]))
+    np.testing.assert_array_equal(np.asarray(ef), np.asarray(ew))
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    f32 = lambda a: np.asarray(a).astype(np.float32)
+    np.testing.assert_allclose(f32(kf), f32(kw), atol=tol, rtol=tol)
+    np.testing.assert_allclose(f32(vf), f32(vw), atol=tol, rtol=tol)
+    valid = np.arange(C)[None, :] < np.asarray(lengths)[:, None]  # padded queries are never read
+    np.testing.assert_allclose(np.asarray(lf)[valid], np.asarray(lw)[valid], atol=tol, rtol=tol)

@@ -24,17 +24,30 @@ RUNNING, EOS, STOP, LENGTH, CACHE_FULL, INACTIVE = 0, 1, 2, 3, 4, 5
 REASONS = ("running", "eos", "stop", "length", "cache_full", "inactive")
 
 
-def forward_chunk(params, cfg: Qwen2Config, k_cache, v_cache, end, tokens, lengths, want_logits: bool):
+# query block of a fresh prefill's causal attention (see `forward_chunk(fresh=True)`)
+PREFILL_BLOCK = 128
+
+
+def forward_chunk(params, cfg: Qwen2Config, k_cache, v_cache, end, tokens, lengths, want_logits: bool,
+                  fresh: bool = False):
     """Feed tokens [B, C] (row b: its first lengths[b]) at positions end[b]..; returns
-    (logits [B, C, V] float32 or None, k_cache, v_cache, end + lengths)."""
+    (logits [B, C, V] float32 or None, k_cache, v_cache, end + lengths).
+    fresh=True: the cache is empty (end = 0), so the chunk's queries attend to the chunk's own keys,
+    causally and block by block, instead of to all S cache slots (a 512-token prompt in a 640-slot
+    cache: the attention and its float32 softmax over 512 x 640 become a causal 512 x 512, of which
+    the blocks skip the upper triangle). The cache is written the same way."""
     B, C = tokens.shape
     S = k_cache.shape[3]
     j = jnp.arange(C, dtype=jnp.int32)
     positions = end[:, None] + j[None, :]
     slots = jnp.where(j[None, :] < lengths[:, None], positions, S)  # S = out of bounds -> dropped
     rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, C))
-    # a query at position p sees slots <= p: history below end, then the chunk causally
-    mask = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
+    if fresh:  # keys = the chunk itself; a padded row's queries past its length are never read
+        mask = jnp.broadcast_to(j[None, :] <= j[:, None], (B, C, C))
+        lcfg = cfg if cfg.attention_block else cfg.replace(attention_block=PREFILL_BLOCK)
+    else:  # a query at position p sees slots <= p: history below end, then the chunk causally
+        mask = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
+        lcfg = cfg
     h = jnp.take(params["embed"], tokens, axis=0).astype(jnp.float32)
 
     def layer(h, lw, i, kc, vc):
@@ -42,9 +55,11 @@ def forward_chunk(params, cfg: Qwen2Config, k_cache, v_cache, end, tokens, lengt
             # heads-first cache: k [B, C, Hkv, D] lands at [i, b, :, slot, :]
             kc2 = scatter_bits(kc, (i, rows, slice(None), slots), k)
             vc2 = scatter_bits(vc, (i, rows, slice(None), slots), v)
+            if fresh:  # the chunk's own keys and values, as the cache holds them (its dtype)
+                return k.astype(kc.dtype), v.astype(vc.dtype), (kc2, vc2)
             return kc2[i], vc2[i], (kc2, vc2)
 
-        h, (kc, vc) = _layer(cfg, h, lw, positions, mask, kv_write, heads_first=True)
+        h, (kc, vc) = _layer(lcfg, h, lw, positions, mask, kv_write, causal=fresh, heads_first=not fresh)
         return h, kc, vc
 
     if isinstance(params["layers"], (list, tuple)):  # unstacked per-layer weights (see unstack_layers)

@@ -248,7 +248,7 @@ class Sampler:
         k = self._constrain_cache(jnp.zeros(shape, self.cache_dtype))
         v = self._constrain_cache(jnp.zeros(shape, self.cache_dtype))
         end = jnp.zeros((Pb,), jnp.int32)
-        _, k, v, end = forward_chunk(params, cfg, k, v, end, tokens, lengths, want_logits=False)
+        _, k, v, end = forward_chunk(params, cfg, k, v, end, tokens, lengths, want_logits=False, fresh=True)
         k, v = self._constrain_cache(jnp.take(k, src, axis=1)), self._constrain_cache(jnp.take(v, src, axis=1))
         return {"k": k, "v": v, "end": jnp.take(end, src)}, jnp.take(last, src)
 
@@ -260,7 +260,7 @@ class Sampler:
         one = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, self.cache_len, cfg.head_dim)
         k1, v1 = jnp.zeros(one, self.cache_dtype), jnp.zeros(one, self.cache_dtype)
         _, k1, v1, end1 = forward_chunk(params, cfg, k1, v1, jnp.zeros((1,), jnp.int32), prefix, prefix_len,
-                                        want_logits=False)
+                                        want_logits=False, fresh=True)
         k = self._constrain_cache(jnp.broadcast_to(k1, (one[0], Pb) + one[2:]))
         v = self._constrain_cache(jnp.broadcast_to(v1, (one[0], Pb) + one[2:]))
         end = jnp.broadcast_to(end1, (Pb,))
