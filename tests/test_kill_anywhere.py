@@ -107,7 +107,9 @@ def test_sigkill_at_random_moments_resumes_bitwise(tmp_path, stage):
             mid_save = p.poll() is None and _saving(cut)
             moments.append("mid-save")
         else:  # a random step past the last checkpoint, and a random moment inside it
-            target = rng.randint(_last_step(cut) + 1, n - 1)
+            # A kill inside the last step can land after its checkpoint (before the run exits); then
+            # no step is left past the last checkpoint and the moment is one inside the final step.
+            target = rng.randint(min(_last_step(cut) + 1, n - 1), n - 1)
             t0 = time.perf_counter()
             while p.poll() is None and _logged(cut) < target and time.perf_counter() - t0 < 300:
                 time.sleep(0.002)
