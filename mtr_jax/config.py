@@ -141,6 +141,9 @@ class GRPOConfig:
     group_size: int = 4  # rollouts per question (G)
     mu: int = 1  # optimisation passes over each batch of rollouts
     minibatches: int = 1
+    # micro-batches per update (whole groups each), gradients summed: the same update with about
+    # 1/grad_accum of the step's activation memory (the demo's peak RSS is this step's)
+    grad_accum: int = 1
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     beta: float = 0.0  # KL(pi || ref) weight, k3 estimator; 0 skips the reference forward

@@ -394,3 +394,50 @@ def test_token_rows_from_pieces_with_the_real_tokenizer():
     np.testing.assert_allclose(E[151657], np.asarray(params["embed"])[[27, 14172, 13429, 29]].mean(0), rtol=1e-6)
     np.testing.assert_allclose(H[:, 151658], np.asarray(params["lm_head"])[:, [522, 14172, 13429, 29]].mean(1), rtol=1e-6)
     assert np.array_equal(E[:151657], np.asarray(params["embed"])[:151657])
+
+
+@pytest.mark.parametrize("tied,chunk,temperature", [(True, 64, 1.0), (False, 64, 0.7), (True, None, 1.0), (False, None, 1.0)])
+def test_patched_token_rows_equal_written_rows(tied, chunk, temperature):
+    """The training losses take trainable token rows as a patch beside the frozen embedding
+    (`with_adapters(..., patch_rows=True)`: no dense [V, E] gradient). Log-probs, entropies and the
+    gradient w.r.t. every adapter, the rows included, equal those of the rows written into the
+    embedding / head, in float32, on both log-prob paths (full rows and a shared prompt), with the
+    vocabulary-chunked head (4 chunks) and the plain one, tied and untied. The patched tokens occur
+    as inputs and as targets, and the rows differ from the base's."""
+    from mtr_jax.train import losses
+    from util import tiny_config
+
+    mc = tiny_config(tie_word_embeddings=tied)
+    params = qwen2.init_params(mc, jax.random.key(1), std=0.3)
+    ids = (5, 130)  # one in the first vocabulary chunk, one in the third
+    lc = LoraConfig(enabled=True, rank=4, alpha=8.0, base_dtype="float32")
+    mc, base, ad = lora.prepare(lc, mc, params, key=jax.random.key(2), token_ids=ids)
+    rng = np.random.RandomState(0)
+    ad = jax.tree_util.tree_map(lambda a: a + 0.2 * rng.normal(size=a.shape).astype(np.float32), ad)
+    tokens = rng.randint(0, mc.vocab_size, (3, 21))
+    tokens[:, 3::4], tokens[:, 5::6] = ids[0], ids[1]
+    tokens = jnp.asarray(tokens, jnp.int32)
+    prompts, comps = tokens[:1, :9], tokens[:, 9:]
+
+    def f(a, patch, shared):
+        p = lora.with_adapters(base, a, ids, patch_rows=patch)
+        if shared:
+            h_last, h_c = qwen2.shared_prefix_hidden(p, mc, prompts, jnp.array([9], jnp.int32), comps)
+            h = jnp.concatenate([jnp.repeat(h_last, 3, axis=0)[:, None], h_c[:, :-1]], axis=1)
+            return losses.head_logp_entropy(p, mc, h, comps, temperature, chunk=chunk)
+        h = qwen2.hidden_states(p, mc, tokens)[:, :-1]
+        return losses.head_logp_entropy(p, mc, h, tokens[:, 1:], temperature, chunk=chunk)
+
+    for shared in (False, True):
+        (lp_p, ent_p), (lp_w, ent_w) = f(ad, True, shared), f(ad, False, shared)
+        np.testing.assert_allclose(lp_p, lp_w, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ent_p, ent_w, atol=1e-5)
+        loss = lambda patch: (lambda a: jnp.sum(f(a, patch, shared)[0]) + 0.1 * jnp.sum(f(a, patch, shared)[1]))
+        g_p, g_w = jax.grad(loss(True))(ad), jax.grad(loss(False))(ad)
+        for k in ("embed@rows",) + (() if tied else ("lm_head@rows",)):
+            assert float(jnp.max(jnp.abs(g_w[k]))) > 1e-2, k  # the rows do get a gradient
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_p), jax.tree_util.tree_leaves(g_w)):
+            assert np.max(np.abs(a - b)) <= 1e-5 * max(1.0, float(np.max(np.abs(b)))), (shared, path)
+    # qwen2.forward's logits (the plain head) honour the patch as well
+    np.testing.assert_allclose(qwen2.forward(lora.with_adapters(base, ad, ids, patch_rows=True), mc, tokens),
+                               qwen2.forward(lora.with_adapters(base, ad, ids), mc, tokens), rtol=1e-5, atol=1e-5)

@@ -367,6 +367,44 @@ def test_grpo_update_of_kept_groups_equals_the_padded_batch(tmp_path, share):
     assert np.abs(p_d - p_f).max() < 1e-5 and np.abs(p_d - p0).max() > 1e-4 and m_d["loss"] != 0
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_grpo_grad_accum_gives_the_update_of_one_batch(tmp_path, share):
+    """grpo.grad_accum=2 runs the update as two micro-batches of whole groups (half the activation
+    memory) and sums their gradients: the same parameters and metrics as the one-batch update, on
+    both update layouts. Advantages differ per group, so a micro-batch mix-up would show."""
+    from mtr_jax.train.grpo import GRPOTrainer
+
+    out = {}
+    for accum in (1, 2):
+        cfg, mc, params, tok, train, actor, tm = grpo_setting(
+            str(tmp_path / str(accum)), extra=["grpo.batch_size=4", "grpo.mu=1", "grpo.minibatches=1", "grpo.beta=0",
+                                               "grpo.optim.warmup_steps=0", f"grpo.grad_accum={accum}",
+                                               f"grpo.share_prompt={str(share).lower()}"])
+        p0 = _flat(params)  # (the update donates the params' buffers)
+        tr = GRPOTrainer(cfg, mc, params, tok, train, actor, tm)
+        eps = tr.rollout(train[:4], jax.random.PRNGKey(3), 2)
+        adv = np.array([0.9, -0.4, 1.3, -1.1, 0.2, 0.7, -0.8, 0.5], np.float32)
+        met = tr._update(eps, adv)
+        assert met["shared_prompt"] == float(share)
+        out[accum] = (_flat(tr.params), met)
+    (p_1, m_1), (p_2, m_2) = out[1], out[2]
+    for k in ("loss", "entropy", "logprob_gap"):
+        assert abs(m_1[k] - m_2[k]) <= 1e-5 * max(abs(m_1[k]), 1.0), (k, m_1[k], m_2[k])
+    assert abs(m_1["grad_norm"] - m_2["grad_norm"]) <= 1e-5 * m_1["grad_norm"]
+    # AdamW's first step moves each parameter by ~lr = 1e-3; 1e-5 is 1% of that (summation order)
+    assert np.abs(p_1 - p_2).max() < 1e-5 and np.abs(p_1 - p0).max() > 1e-4 and m_1["loss"] != 0
+
+
+def test_grpo_grad_accum_must_split_into_whole_groups(tmp_path):
+    from mtr_jax.errors import MtrError
+    from mtr_jax.train.grpo import GRPOTrainer
+
+    cfg, mc, params, tok, train, actor, tm = grpo_setting(str(tmp_path), extra=["grpo.batch_size=2", "grpo.mu=1",
+                                                                              "grpo.minibatches=1", "grpo.grad_accum=4"])
+    with pytest.raises(MtrError, match="grad_accum=4 must divide"):
+        GRPOTrainer(cfg, mc, params, tok, train, actor, tm)
+
+
 def test_grpo_drop_void_turns_leaves_void_episodes_out_of_the_step(tmp_path):
     """SimpleTIR's filter: with grpo.drop_void_turns an episode cut at the turn budget changes nothing in
     the step whatever its tokens or reward (params bitwise equal); without the filter it does."""

@@ -114,9 +114,11 @@ def token_rows(base: dict, token_ids) -> dict:
     return out
 
 
-def with_adapters(base: dict, adapters: dict | None, token_ids=()) -> dict:
+def with_adapters(base: dict, adapters: dict | None, token_ids=(), patch_rows: bool = False) -> dict:
     """The params `forward` takes: the base weights plus the adapter arrays inside `layers`, and
-    trainable token rows (if any) written into `embed` / `lm_head` at `token_ids`."""
+    trainable token rows (if any) written into `embed` / `lm_head` at `token_ids`. patch_rows (the
+    training losses): the rows ride beside the untouched base as a patch (`qwen2.PATCH_IDS`), the
+    same numbers without a dense [V, E] gradient of the embedding."""
     if not adapters:
         return base
     out = dict(base, layers={**base["layers"], **adapters.get("layers", {})})
@@ -124,6 +126,14 @@ def with_adapters(base: dict, adapters: dict | None, token_ids=()) -> dict:
         ids = jnp.asarray(list(token_ids), jnp.int32)
         if ids.shape[0] != adapters["embed" + ROWS].shape[0]:
             raise MtrError(f"lora: {adapters['embed' + ROWS].shape[0]} trainable token rows but {ids.shape[0]} token ids")
+        if patch_rows:
+            from mtr_jax.model.qwen2 import PATCH_IDS
+
+            out[PATCH_IDS] = ids
+            for name in ("embed", "lm_head"):
+                if name + ROWS in adapters:
+                    out[name + ROWS] = adapters[name + ROWS].astype(base[name].dtype)
+            return out
         out["embed"] = base["embed"].at[ids].set(adapters["embed" + ROWS].astype(base["embed"].dtype))
         if "lm_head" + ROWS in adapters:
             out["lm_head"] = base["lm_head"].at[:, ids].set(adapters["lm_head" + ROWS].T.astype(base["lm_head"].dtype))

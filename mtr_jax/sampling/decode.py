@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtr_jax.model.qwen2 import Qwen2Config, _head, _layer, scatter_bits
+from mtr_jax.model.qwen2 import Qwen2Config, _head, _layer, embed_tokens, scatter_bits
 
 # stop-reason codes (the host side maps them to strings)
 RUNNING, EOS, STOP, LENGTH, CACHE_FULL, INACTIVE = 0, 1, 2, 3, 4, 5
@@ -48,7 +48,7 @@ def forward_chunk(params, cfg: Qwen2Config, k_cache, v_cache, end, tokens, lengt
     else:  # a query at position p sees slots <= p: history below end, then the chunk causally
         mask = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
         lcfg = cfg
-    h = jnp.take(params["embed"], tokens, axis=0).astype(jnp.float32)
+    h = embed_tokens(params, tokens)
 
     def layer(h, lw, i, kc, vc):
         def kv_write(k, v):

@@ -16,6 +16,7 @@ agreed across processes, and the logged rollout metrics are gathered over all ep
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import jax
@@ -160,6 +161,9 @@ class GRPOTrainer:
         if (g.batch_size * g.group_size) % g.minibatches:
             raise MtrError(f"grpo.minibatches={g.minibatches} does not divide B*G={g.batch_size * g.group_size}")
         quant.validate(g.rollout_quant, "grpo.rollout_quant")
+        if g.grad_accum < 1 or (g.batch_size // g.minibatches) % g.grad_accum:
+            raise MtrError(f"grpo.grad_accum={g.grad_accum} must divide the questions per minibatch "
+                           f"({g.batch_size // g.minibatches}): each micro-batch holds whole groups")
         if g.group_size < 2:
             raise MtrError("grpo.group_size must be >= 2 (advantages are relative to the group)")
         if not records:
@@ -193,7 +197,7 @@ class GRPOTrainer:
         L = model_cfg.num_hidden_layers
 
         def loss(p, mb, *base):
-            full = lora.with_adapters(base[0], p, self.token_ids) if base else p
+            full = lora.with_adapters(base[0], p, self.token_ids, patch_rows=True) if base else p
             if self.dropout:
                 full = lora.with_dropout(full, mb["dropout_key"], L)
             return inner(full, mb)
@@ -314,9 +318,11 @@ class GRPOTrainer:
                 sl = slice(j * per, (j + 1) * per)
                 gsl = slice(j * per // g.group_size, (j + 1) * per // g.group_size)
                 mb = {k: v[gsl] if k in ("prompts", "prompt_lens") else v[sl] for k, v in data.items()}
-                mb = split_micro(mb, 1)
+                accum = math.gcd(g.grad_accum, per // g.group_size)  # drop_equal_groups may keep fewer groups
+                mb = split_micro(mb, accum)
                 if self.dropout:  # from the step's (checkpointed) key: a resumed run draws the same masks
-                    mb["dropout_key"] = lora.dropout_key_from(self._step_key, count)[None]
+                    mb["dropout_key"] = np.stack([lora.dropout_key_from(self._step_key, count * accum + a)
+                                                  for a in range(accum)])
                 mb = put_micro_batches(mb, self.mesh)
                 self.params, self.opt_state, met = self.step_fn(self.params, self.opt_state, mb, *self.frozen)
                 met = jax.device_get(met)

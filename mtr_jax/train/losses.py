@@ -62,26 +62,38 @@ def head_logp_entropy(params, cfg, h, targets, temperature: float = 1.0, chunk: 
     [N, chunk] logits: an online logsumexp over vocabulary chunks in a `lax.scan`, with a hand-written
     backward (`_chunked_head`) that recomputes each chunk's logits from the saved log-normaliser, as
     a fused cross-entropy kernel does. h: [..., E] final hidden states (before the final norm);
-    targets: [...]."""
+    targets: [...]. Params with trainable token rows in patch form (`qwen2.head_patch`) get those
+    columns from the rows, and the frozen head's weight gradient is never formed."""
     lead = h.shape[:-1]
     x = qwen2.rms_norm(h.reshape(-1, h.shape[-1]), params["final_norm"], cfg.rms_norm_eps).astype(cfg.compute_dtype)
     tgt = targets.reshape(-1)
     tied = cfg.tie_word_embeddings
     w = params["embed"] if tied else params["lm_head"]  # [V, E] tied, [E, V] untied
+    patch = qwen2.head_patch(params, cfg)  # (rows [K, E], ids [K]) or None
     V = cfg.vocab_size
     c = chunk or vocab_chunk(V)
     if V % c:
         raise ValueError(f"vocab chunk {c} does not divide vocab {V}")
     if c == V:  # one chunk: the plain head (no scan; what a small vocabulary costs anyway)
         logits = qwen2.mp_einsum("ne,ve->nv" if tied else "ne,ev->nv", x, w, cfg.compute_dtype)
+        if patch is not None:
+            rows, ids = patch
+            logits = logits.at[:, ids].set(qwen2.mp_einsum("ne,ke->nk", x, rows, cfg.compute_dtype))
         logp, ent = _logp_entropy(logits, tgt, temperature)
         return logp.reshape(lead), ent.reshape(lead)
     # the weight as [chunks, c, E] (tied) or [chunks, E, c] in the compute dtype, so the scan reads
     # one contiguous block per chunk (AD takes the gradient back to w's layout and dtype)
     wc = w.astype(cfg.compute_dtype)
     wc = wc.reshape(V // c, c, -1) if tied else wc.reshape(-1, V // c, c).transpose(1, 0, 2)
-    logp, ent = _chunked_head(x, wc, tgt, tied, float(temperature))
+    if patch is None:
+        rows, ids = jnp.zeros((0, x.shape[-1]), cfg.compute_dtype), jnp.zeros((0,), jnp.int32)
+    else:
+        rows, ids = patch[0].astype(cfg.compute_dtype), patch[1]
+    logp, ent = _chunked_head(x, wc, rows, ids, tgt, tied, float(temperature), patch is None)
     return logp.reshape(lead), ent.reshape(lead)
+
+
+_MASKED = -1e30  # a patched-out column's logit: exp gives 0 and 0 * _MASKED is 0 (-inf would give NaN)
 
 
 def _chunk_logits(x, wc, tied: bool, temperature: float):
@@ -90,68 +102,102 @@ def _chunk_logits(x, wc, tied: bool, temperature: float):
     return logits / temperature if temperature != 1.0 else logits
 
 
-def _chunked_head_fwd(x, wc, tgt, tied, temperature):
+def _base_chunk(x, w_i, i, ids, tied, temperature):
+    """Chunk i's logits from the base weight, the patched columns (ids) masked out."""
+    logits = _chunk_logits(x, w_i, tied, temperature)
+    if ids.shape[0] == 0:
+        return logits
+    c = logits.shape[1]
+    gone = jnp.any((i * c + jnp.arange(c))[:, None] == ids[None, :], axis=-1)
+    return jnp.where(gone[None, :], _MASKED, logits)
+
+
+def _merge(carry, logits, t_add):
+    """Fold one block of logits [N, c] into the online (max, sum exp, sum exp * z, target logit)."""
+    m, s, u, t = carry
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+    scale = jnp.exp(m - m_new)
+    z = logits - m_new[:, None]
+    e = jnp.exp(z)
+    # u = sum e * (logit - running max): kept relative to the max so the entropy
+    # log s - u / s does not cancel two logit-sized numbers
+    dm = jnp.where(s > 0, m - m_new, 0.0)  # first chunk: m = -inf and s = 0 (no 0 * inf)
+    u = scale * (u + s * dm) + jnp.sum(e * z, axis=-1)
+    s = s * scale + jnp.sum(e, axis=-1)
+    return m_new, s, u, t + t_add
+
+
+def _chunked_head_fwd(x, wc, rows, ids, tgt, tied, temperature, need_dw):
     N, c = x.shape[0], wc.shape[1 if tied else 2]
+    in_rows = jnp.any(tgt[:, None] == ids[None, :], axis=-1)  # targets the patch rows score
 
     def body(carry, xs):
-        m, s, u, t = carry
         w_i, i = xs
-        logits = _chunk_logits(x, w_i, tied, temperature)
-        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
-        scale = jnp.exp(m - m_new)
-        z = logits - m_new[:, None]
-        e = jnp.exp(z)
-        # u = sum e * (logit - running max): kept relative to the max so the entropy
-        # log s - u / s does not cancel two logit-sized numbers
-        dm = jnp.where(s > 0, m - m_new, 0.0)  # first chunk: m = -inf and s = 0 (no 0 * inf)
-        u = scale * (u + s * dm) + jnp.sum(e * z, axis=-1)
-        s = s * scale + jnp.sum(e, axis=-1)
+        logits = _base_chunk(x, w_i, i, ids, tied, temperature)
         local = tgt - i * c
-        hit = (local >= 0) & (local < c)
-        t = t + jnp.where(hit, jnp.take_along_axis(logits, jnp.clip(local, 0, c - 1)[:, None], axis=-1)[:, 0], 0.0)
-        return (m_new, s, u, t), None
+        hit = (local >= 0) & (local < c) & ~in_rows
+        t = jnp.where(hit, jnp.take_along_axis(logits, jnp.clip(local, 0, c - 1)[:, None], axis=-1)[:, 0], 0.0)
+        return _merge(carry, logits, t), None
 
     init = (jnp.full((N,), -jnp.inf, jnp.float32), jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.float32),
             jnp.zeros((N,), jnp.float32))
-    (m, s, u, t), _ = jax.lax.scan(body, init, (wc, jnp.arange(wc.shape[0])))
+    carry, _ = jax.lax.scan(body, init, (wc, jnp.arange(wc.shape[0])))
+    if ids.shape[0]:  # the patch rows: one more (small) block
+        logits = _chunk_logits(x, rows, True, temperature)
+        carry = _merge(carry, logits, jnp.sum(jnp.where(tgt[:, None] == ids[None, :], logits, 0.0), axis=-1))
+    m, s, u, t = carry
     logz = m + jnp.log(s)
     logp, ent = t - logz, jnp.log(s) - u / s
-    return (logp, ent), (x, wc, tgt, logz, ent)
+    return (logp, ent), (x, wc, rows, ids, tgt, logz, ent)
 
 
-def _chunked_head_bwd(tied, temperature, res, g):
+def _dlogits(z, onehot, g_lp, g_ent, ent, temperature):
+    """d(g_lp . logp + g_ent . H) / d logits, from z = log p: onehot * g_lp - p (g_lp + g_ent (z + H))."""
+    p = jnp.exp(z)
+    d = jnp.where(onehot, g_lp[:, None], 0.0) - p * (g_lp[:, None] + g_ent[:, None] * (z + ent[:, None]))
+    return d / temperature if temperature != 1.0 else d
+
+
+def _chunked_head_bwd(tied, temperature, need_dw, res, g):
     """Per chunk, from the saved log-normaliser: p = softmax, and with z = log p, H = entropy,
     d logp / d logit_j = 1[j = target] - p_j and d H / d logit_j = -p_j (z_j + H); then the two
-    matmuls of the head's backward in x's dtype with float32 accumulation."""
-    x, wc, tgt, logz, ent = res
+    matmuls of the head's backward in x's dtype with float32 accumulation. need_dw=False (a frozen
+    head, its trainable columns patched in as rows): the weight's gradient is not formed at all."""
+    x, wc, rows, ids, tgt, logz, ent = res
     g_lp, g_ent = g
     c = wc.shape[1 if tied else 2]
+    in_rows = jnp.any(tgt[:, None] == ids[None, :], axis=-1)
 
     def body(dx, xs):
         w_i, i = xs
-        z = _chunk_logits(x, w_i, tied, temperature) - logz[:, None]
-        p = jnp.exp(z)
-        onehot = jnp.arange(c)[None, :] == (tgt - i * c)[:, None]
-        dlogits = jnp.where(onehot, g_lp[:, None], 0.0) - p * (g_lp[:, None] + g_ent[:, None] * (z + ent[:, None]))
-        if temperature != 1.0:
-            dlogits = dlogits / temperature
-        dl = dlogits.astype(x.dtype)
+        z = _base_chunk(x, w_i, i, ids, tied, temperature) - logz[:, None]
+        onehot = (jnp.arange(c)[None, :] == (tgt - i * c)[:, None]) & ~in_rows[:, None]
+        dl = _dlogits(z, onehot, g_lp, g_ent, ent, temperature).astype(x.dtype)
         if tied:
             dx = dx + qwen2._lp_dot("nv,ve->ne", dl, w_i)
-            dw_i = qwen2._lp_dot("nv,ne->ve", dl, x)
+            dw_i = qwen2._lp_dot("nv,ne->ve", dl, x) if need_dw else None
         else:
             dx = dx + qwen2._lp_dot("nv,ev->ne", dl, w_i)
-            dw_i = qwen2._lp_dot("ne,nv->ev", x, dl)
-        return dx, dw_i.astype(wc.dtype)
+            dw_i = qwen2._lp_dot("ne,nv->ev", x, dl) if need_dw else None
+        return dx, (dw_i.astype(wc.dtype) if need_dw else None)
 
     dx, dwc = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (wc, jnp.arange(wc.shape[0])))
-    return dx.astype(x.dtype), dwc, None
+    drows = jnp.zeros_like(rows)
+    if ids.shape[0]:
+        z = _chunk_logits(x, rows, True, temperature) - logz[:, None]
+        dl = _dlogits(z, tgt[:, None] == ids[None, :], g_lp, g_ent, ent, temperature).astype(x.dtype)
+        dx = dx + qwen2._lp_dot("nk,ke->ne", dl, rows)
+        drows = qwen2._lp_dot("nk,ne->ke", dl, x).astype(rows.dtype)
+    if dwc is None:  # a frozen head: its cotangent is dropped by the caller
+        dwc = jnp.zeros_like(wc)
+    return dx.astype(x.dtype), dwc, drows, None, None
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked_head(x, wc, tgt, tied, temperature):
-    """(log p(tgt), entropy) of softmax(x @ head / temperature) over vocabulary chunks wc; x: [N, E]."""
-    return _chunked_head_fwd(x, wc, tgt, tied, temperature)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _chunked_head(x, wc, rows, ids, tgt, tied, temperature, need_dw):
+    """(log p(tgt), entropy) of softmax(x @ head / temperature) over vocabulary chunks wc, the
+    columns `ids` (if any) replaced by x @ rows^T; x: [N, E]."""
+    return _chunked_head_fwd(x, wc, rows, ids, tgt, tied, temperature, need_dw)[0]
 
 
 _chunked_head.defvjp(_chunked_head_fwd, _chunked_head_bwd)

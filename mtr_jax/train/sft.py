@@ -122,7 +122,7 @@ def train_sft(
     dropout = cfg.lora.enabled and cfg.lora.dropout > 0
 
     def loss_num(p, mb, *base):
-        full = lora.with_adapters(base[0], p, token_ids) if base else p
+        full = lora.with_adapters(base[0], p, token_ids, patch_rows=True) if base else p
         if dropout:
             full = lora.with_dropout(full, mb["dropout_key"], model_cfg.num_hidden_layers)
         num, den = loss_fn(full, model_cfg, mb)
