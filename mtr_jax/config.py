@@ -99,6 +99,9 @@ class ToolsConfig:
     constrained: bool = True  # local backend: JSON-Schema-constrained decoding (llguidance)
     max_tokens: int = 512  # reply budget per request
     max_calls: int = 6  # AutoAgent: tool calls per trace before it is rejected as max_turns
+    # AutoAgent oracle: the share of HotpotQA-shaped records (fixed per id) whose first search is the
+    # question's keywords instead of the whole question
+    keyword_query_rate: float = 0.0
     structured_outputs: bool = False  # the server honours response_format json_schema (vLLM, SGLang, OpenAI)
     concurrency: int = 8  # HTTP requests in flight
     http_retries: int = 2  # the openai SDK's own retries (backoff, Retry-After) per request

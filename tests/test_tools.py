@@ -20,7 +20,8 @@ from mtr_jax import rewards
 from mtr_jax.cli import main as mtr_main
 from mtr_jax.data.loaders import load_records
 from mtr_jax.data.records import Paragraph, QARecord
-from mtr_jax.tools.autoagent import AutoAgent
+from mtr_jax.errors import MtrError
+from mtr_jax.tools.autoagent import AutoAgent, keyword_query
 from mtr_jax.tools.bm25 import BM25, words
 from mtr_jax.tools.exact import calculate, compare
 from mtr_jax.tools.schema import (
@@ -425,6 +426,36 @@ def test_oracle_rejects_ungrounded_and_wrong():
     trace, reason = agent.make_trace(rec, template_tools("bridge"))
     assert reason == "" and trace["answer"] == "Jane Roe"
     assert "Jane Roe founded Acme" in trace["messages"][-1]["content"]  # the final think cites the evidence
+
+
+def test_oracle_keyword_queries(hotpot):
+    """keyword_query_rate: that share of records (fixed per id) gets the question's keywords as its
+    first search, the rest the whole question; the traces stay correct and grounded."""
+    assert keyword_query("Where was the director of Mukvonpo born?") == "director Mukvonpo born"
+    assert keyword_query("In which country is the city where Tavyth Vyth was born?") == "country city Tavyth Vyth born"
+    assert keyword_query("Who is it?") == "it" and keyword_query("Where was it?") == "it"
+    assert keyword_query("Where is?") == "Where is?"  # nothing left: the question itself
+    maker = ToolMaker("template")
+
+    def first_queries(rate):
+        agent = AutoAgent("oracle", ToolActor("corpus"), keyword_query_rate=rate)
+        out = {}
+        for r in hotpot:
+            trace, _ = agent.make_trace(r, maker.make(r))
+            if trace is not None:
+                assert rewards.exact_match(trace["answer"], r.golds) == 1.0 and _grounded_in_tools(trace)
+                q = " ".join(r.question.split())  # the oracle's queries are whitespace-normalised
+                out[r.id] = (q, trace["messages"][2]["tool_calls"][0]["function"]["arguments"]["query"])
+        return out
+
+    none, half, every = first_queries(0.0), first_queries(0.5), first_queries(1.0)
+    assert none and all(q == query for q, query in none.values())
+    assert every and all(query == keyword_query(q) != q for q, query in every.values())
+    n_kw = sum(query != q for q, query in half.values())
+    assert 0 < n_kw < len(half), (n_kw, len(half))
+    assert first_queries(0.5) == half  # the same records every run
+    with pytest.raises(MtrError, match="keyword_query_rate"):
+        AutoAgent("oracle", ToolActor("corpus"), keyword_query_rate=1.5)
 
 
 def test_llm_teacher_backend():

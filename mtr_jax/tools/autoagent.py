@@ -4,7 +4,8 @@
 
 - oracle (offline): plans from the dataset's own annotations, gets every observation from the
   ToolActor, and writes short <think> steps.
-    HotpotQA: search the question, then look up each supporting page not yet seen.
+    HotpotQA: search the question (or, for a `keyword_query_rate` share of records, its keywords),
+              then look up each supporting page not yet seen.
     MuSiQue: one search per decomposition step (#k replaced by earlier answers), lookup as fallback.
     2Wiki: one search per evidence triple (lookup as fallback); `compare` on the two dates/numbers
            of a comparison question when the tool set has it.
@@ -21,6 +22,7 @@ Trace JSON is the shared format (see traces.render): {"id", "dataset", "question
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -36,6 +38,22 @@ from mtr_jax.traces.parse import parse_turn
 from mtr_jax.traces.render import SYSTEM_PROMPT, build_messages, observation_text
 
 _YES_NO = {"yes", "no"}
+# what a keyword query leaves out of a question: question words and function words
+_QUERY_STOP = frozenset(
+    "a an the in on of at to for by from with which what where who whom whose when how was is were are be been "
+    "did does do".split())
+
+
+def keyword_query(question: str) -> str:
+    """The question as a keyword query ("Where was the director of X born?" -> "director X born");
+    the question itself if nothing is left."""
+    words = [w for w in re.findall(r"[\w'-]+", question) if w.lower() not in _QUERY_STOP]
+    return " ".join(words) or question
+
+
+def _share(record_id: str) -> float:
+    """A fixed number in [0, 1) per record id: the same traces on every run and machine."""
+    return int.from_bytes(hashlib.sha256(record_id.encode()).digest()[:8], "big") / 2.0 ** 64
 
 
 def _clip(s: str, n: int = 160) -> str:
@@ -107,6 +125,7 @@ class AutoAgent:
         keep_threshold: float = 1.0,
         max_calls: int = 6,
         max_tokens: int = 384,
+        keyword_query_rate: float = 0.0,
     ):
         if backend not in ("oracle", "llm"):
             raise MtrError(f"tools.autoagent: unknown backend {backend!r} (oracle | llm)")
@@ -118,6 +137,11 @@ class AutoAgent:
         self.max_tokens = int(max_tokens)  # one teacher turn
         self.actor = actor if actor is not None else ToolActor("corpus")
         self.keep_metric, self.keep_threshold, self.max_calls = keep_metric, keep_threshold, max_calls
+        if not 0.0 <= keyword_query_rate <= 1.0:
+            raise MtrError(f"tools.keyword_query_rate must be in [0, 1], got {keyword_query_rate!r}")
+        # oracle: the share of records whose first search is the question's keywords, not the whole
+        # question (fixed per record id): traces that vary the way a human's or a model's queries do
+        self.keyword_query_rate = float(keyword_query_rate)
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -203,7 +227,8 @@ class AutoAgent:
 
     def _plan_supporting(self, ep: _Episode):  # a generator of calls (see _Episode.call)
         r = ep.record
-        yield from ep.call("I will search for the key facts in the question.", "search", {"query": _clip(r.question, 300)})
+        query = keyword_query(r.question) if _share(r.id) < self.keyword_query_rate else r.question
+        yield from ep.call("I will search for the key facts in the question.", "search", {"query": _clip(query, 300)})
         titles = list(dict.fromkeys(t for t, _ in r.supporting))
         for title in titles:
             if ep.n_calls >= self.max_calls:
@@ -361,7 +386,8 @@ def cli(args) -> int:
     check_tools(actor, maker)  # before any work
     teacher = make_llm(cfg.tools) if cfg.tools.autoagent == "llm" else None
     agent = AutoAgent(cfg.tools.autoagent, actor, complete=teacher, keep_metric=cfg.tools.keep_metric,
-                      keep_threshold=cfg.tools.keep_threshold, max_tokens=cfg.tools.max_tokens, max_calls=cfg.tools.max_calls)
+                      keep_threshold=cfg.tools.keep_threshold, max_tokens=cfg.tools.max_tokens, max_calls=cfg.tools.max_calls,
+                      keyword_query_rate=cfg.tools.keyword_query_rate)
     reasons: Counter = Counter()
     kept = 0
     # records per make_traces call: a model-backed teacher or actor answers a turn's batch at once
