@@ -63,31 +63,25 @@ class RealDemoConfig:
 # about half with the shared system prompt + tool schemas run once (`sft.share_prefix`), so SFT
 # gets 8 steps (32 traces; the loss is flat after ~6); every eval is 100 held-out questions, greedy,
 # in one batch with the prompt prefix shared.
-# What SFT leaves for GRPO: the oracle writes 40% of its first searches as keywords, the rest as the
-# whole question (`tools.keyword_query_rate`), so SFT imitates both and greedy copies the question.
-# At 48 tokens a turn a copied long question ("In which country is the city where X was born?")
-# overruns the turn; rollouts at T=1 also try keywords, which fit, so the group's rewards differ and
-# GRPO can learn which query works under the budget. Such groups are few, so GRPO draws 16 questions
-# x 4 rollouts a step and updates on the groups whose rewards differ (`drop_equal_groups`), at most
-# 4 groups per micro-batch (`grad_accum`), which keeps the update's memory that of 16 rows.
+# GRPO gets 3 steps of 4 questions x 4 rollouts. (Tried 2026-12-07: 40% of the oracle's first
+# searches as keywords, `tools.keyword_query_rate=0.4`, with GRPO at 16 x 4 and drop_equal_groups:
+# +0.02 at 2.3x the GRPO time and 10.6 GB; docs/demo_runs.md.)
 REAL_DEFAULTS = {
     "model": {"dtype": "bfloat16", "remat": True, "scan_layers": True},  # remat: 4 x 768 without it is > 24 GB
     "lora": {"enabled": True, "rank": 16, "alpha": 32.0, "base_dtype": "bfloat16",
              "trainable_tokens": ["<tool_call>", "</tool_call>"], "token_init": "pieces"},
     "sft": {"steps": 8, "batch_size": 4, "seq_len": 768, "grad_accum": 1, "share_prefix": True,
             "optim": {"lr": 1e-3, "warmup_steps": 2, "weight_decay": 0.0, "schedule": "cosine"}},
-    "grpo": {"steps": 3, "batch_size": 16, "group_size": 4, "max_turns": 4, "max_new_tokens": 48, "max_len": 1024,
-             "temperature": 1.0, "beta": 0.0, "drop_equal_groups": True, "grad_accum": 4,
-             "optim": {"lr": 1e-4, "warmup_steps": 0, "schedule": "constant"}},
+    "grpo": {"steps": 3, "batch_size": 4, "group_size": 4, "max_turns": 4, "max_new_tokens": 48, "max_len": 1024,
+             "temperature": 1.0, "beta": 0.0, "optim": {"lr": 1e-4, "warmup_steps": 0, "schedule": "constant"}},
     "eval": {"max_turns": 4, "max_new_tokens": 48, "max_len": 1024, "batch_size": 100},
     "run": {"checkpoint_every": 1000, "seed": 0, "log_every": 1},
-    "tools": {"keyword_query_rate": 0.4},
 }
 
 SMALL_REAL = {  # the tests' reduced real-model demo: every stage on the real weights, in minutes
     "world.n_train": 8, "world.n_heldout": 4,
     "config.sft.steps": 2, "config.sft.batch_size": 2, "config.grpo.steps": 1, "config.grpo.batch_size": 2,
-    "config.grpo.group_size": 2, "config.grpo.grad_accum": 1, "config.grpo.max_new_tokens": 16, "config.grpo.max_turns": 2,
+    "config.grpo.group_size": 2, "config.grpo.max_new_tokens": 16, "config.grpo.max_turns": 2,
     "config.eval.max_new_tokens": 16, "config.eval.max_turns": 2,
 }
 
