@@ -169,6 +169,9 @@ class GRPOConfig:
     w_consistency: float = 0.5
     format_penalty: float = -1.0
     correctness: str = "em"  # em | f1
+    # length penalty: reward -= w_length * generated tokens / (max_turns * max_new_tokens), on
+    # episodes that pass the format gate (rewards.py); 0 = off
+    w_length: float = 0.0
     # rollouts from an int8 copy of the policy, made once per step: none | int8 | int8-dynamic (model/quant.py)
     rollout_quant: str = "none"
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0))

@@ -129,8 +129,8 @@ def make_traces(cfg: Config, train_q, out_dir: str):
     agent = AutoAgent(backend="oracle", actor=actor, keep_metric=cfg.tools.keep_metric,
                       keep_threshold=cfg.tools.keep_threshold, keyword_query_rate=cfg.tools.keyword_query_rate)
     traces, rejected = [], {}
-    for r in train_q:
-        trace, why = agent.make_trace(r, toolmaker.make(r))
+    # one batch: the keyword-query share is stratified over the batch's question templates
+    for trace, why in agent.make_traces(list(train_q), [toolmaker.make(r) for r in train_q]):
         if trace is None:
             rejected[why] = rejected.get(why, 0) + 1
         else:

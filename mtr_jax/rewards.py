@@ -16,9 +16,15 @@ returned, one validity boolean per tool call (the call parsed and validated agai
 JSON Schema), the gold answers, and `RewardWeights`.
 
     R = format_penalty                                               if the format gate fails
-    R = w_answer * correctness + w_consistency * consistency         otherwise
+    R = w_answer * correctness + w_consistency * consistency
+        - w_length * length                                          otherwise
     correctness  = EM or F1 of the final answer vs the golds (`RewardWeights.correctness`)
     consistency  = (call_validity + grounded + not_contradicted) / 3
+
+    length       = the episode's generated tokens / its budget (max_turns x max_new_tokens), in
+                   [0, 1]; 0 when the caller gives none. With w_length > 0 (default 0), of two
+                   episodes that score the same the shorter one scores higher: a length penalty, as
+                   in Kimi k1.5's length reward and OTC's tool-efficiency reward.
 
 Format gate (any one fails it): a tag among <think>, <answer>, <tool_call> not balanced within
 its turn (every open closed, in nesting order, none left open); an assistant turn containing
@@ -103,6 +109,7 @@ class RewardWeights:
     format_penalty: float = -1.0
     correctness: str = "em"  # em | f1
     ground_f1: float = 0.8  # window token-F1 at or above which an observation grounds the answer
+    w_length: float = 0.0  # weight of the generated-length penalty (0: off)
 
     @classmethod
     def from_config(cls, cfg) -> "RewardWeights":
@@ -211,6 +218,7 @@ def trace_reward(
     call_valid: list[bool],
     golds,
     weights: RewardWeights | None = None,
+    length: float = 0.0,
 ) -> dict[str, float]:
     """Composite reward of one episode and every component (all floats; see the module docstring)."""
     w = weights or RewardWeights()
@@ -226,7 +234,11 @@ def trace_reward(
     not_contra = 0.0 if contradicted(answer, observations) else 1.0
     consistency = (validity + ground + not_contra) / 3.0
     correctness = em if w.correctness == "em" else f
-    reward = w.w_answer * correctness + w.w_consistency * consistency if ok else w.format_penalty
+    length = min(max(float(length), 0.0), 1.0)
+    if ok:
+        reward = w.w_answer * correctness + w.w_consistency * consistency - w.w_length * length
+    else:
+        reward = w.format_penalty
     return {
         "reward": float(reward),
         "format_ok": float(ok),
@@ -237,4 +249,5 @@ def trace_reward(
         "grounded": ground,
         "not_contradicted": not_contra,
         "consistency": float(consistency),
+        "length": length,
     }

@@ -113,7 +113,7 @@ def test_perfect_trace():
     r = R([CALL, "<think>Found it.</think>\n<answer>Chief of Protocol</answer><|im_end|>"], [OBS_PROTOCOL], [True],
           ["Chief of Protocol"])
     assert r == {"reward": 1.5, "format_ok": 1.0, "correctness": 1.0, "em": 1.0, "f1": 1.0, "call_validity": 1.0,
-                 "grounded": 1.0, "not_contradicted": 1.0, "consistency": 1.0}
+                 "grounded": 1.0, "not_contradicted": 1.0, "consistency": 1.0, "length": 0.0}
 
 
 def test_wrong_but_grounded():
@@ -221,3 +221,32 @@ def test_from_config_and_bad_correctness():
     assert (w.w_answer, w.correctness, w.ground_f1) == (3.0, "f1", 0.8)
     with pytest.raises(MtrError, match="correctness"):
         R(["<answer>x</answer>"], [], [], ["x"], correctness="acc")
+
+
+def test_length_penalty():
+    """w_length: reward -= w_length * length (generated tokens / budget, clipped to [0, 1]) when the
+    format gate passes; a failed gate scores format_penalty whatever the length."""
+    turns, obs, golds = [CALL, "<answer>Chief of Protocol</answer>"], [OBS_PROTOCOL], ["Chief of Protocol"]
+    w = RewardWeights(w_length=0.2)
+    assert trace_reward(turns, obs, [True], golds, w)["reward"] == pytest.approx(1.5)  # no length given
+    short, long_ = (trace_reward(turns, obs, [True], golds, w, length=x) for x in (0.25, 0.75))
+    assert (short["reward"], long_["reward"]) == (pytest.approx(1.5 - 0.05), pytest.approx(1.5 - 0.15))
+    assert short["length"] == 0.25
+    assert trace_reward(turns, obs, [True], golds, w, length=3.0)["reward"] == pytest.approx(1.3)  # clipped
+    assert trace_reward(turns, obs, [True], golds, RewardWeights(), length=0.75)["reward"] == pytest.approx(1.5)
+    assert trace_reward(["<answer>x"], obs, [True], golds, w, length=0.1)["reward"] == -1.0
+
+
+def test_grpo_scores_length_of_generated_tokens():
+    """The GRPO trainer gives the reward each episode's sampled-token count over its budget."""
+    from types import SimpleNamespace
+
+    from mtr_jax.config import GRPOConfig
+    from mtr_jax.train.grpo import GRPOTrainer
+
+    g = GRPOConfig(w_length=0.5, max_turns=2, max_new_tokens=10)
+    rec = SimpleNamespace(golds=["Chief of Protocol"])
+    ep = SimpleNamespace(turn_texts=[CALL, "<answer>Chief of Protocol</answer>"], observations=[OBS_PROTOCOL],
+                         calls_valid=[True], record=rec, loss_mask=[0] * 30 + [1] * 5 + [0] * 9 + [1] * 3)
+    (s,) = GRPOTrainer.score(SimpleNamespace(g=g), [ep])
+    assert s["length"] == pytest.approx(8 / 20) and s["reward"] == pytest.approx(1.5 - 0.5 * 8 / 20)

@@ -458,6 +458,26 @@ def test_oracle_keyword_queries(hotpot):
         AutoAgent("oracle", ToolActor("corpus"), keyword_query_rate=1.5)
 
 
+def test_keyword_ids_stratified_per_template():
+    """keyword_ids: within each question template the share is floor(rate * n + u), u in [0, 1), so
+    every template with enough records gets both query styles; the choice is fixed per batch."""
+    from mtr_jax.tools.autoagent import keyword_ids, question_template
+
+    assert question_template("Where was the director of Quiet Harbor born?") == "where was the director of born"
+    recs = [QARecord(id=f"{k}{i}", question=q.format(f"Name{i} Other"), golds=["x"], dataset="d")
+            for k, q, n in (("a", "Where was the director of {} born?", 24), ("b", "Where was the founder of {} born?", 19),
+                            ("c", "In which country is the city where {} was born?", 21)) for i in range(n)]
+    for rate in (0.0, 0.25, 0.3, 0.4, 1.0):
+        ids = keyword_ids(recs, rate)
+        for k, n in (("a", 24), ("b", 19), ("c", 21)):
+            got = sum(i.startswith(k) for i in ids)
+            assert int(rate * n) <= got <= int(rate * n) + 1, (rate, k, got)
+        assert keyword_ids(list(reversed(recs)), rate) == ids  # order of the batch does not matter
+    # one record per template: a fixed per-record draw with the expected share
+    singles = [QARecord(id=f"s{i}", question=f"Question {i} number {i}?", golds=["x"], dataset="d") for i in range(400)]
+    assert 80 < len(keyword_ids(singles, 0.3)) < 160
+
+
 def test_llm_teacher_backend():
     rec = QARecord(id="t", question="Who founded Acme?", golds=["Jane Roe"], dataset="x",
                    context=[Paragraph("Acme", ["Acme was founded by Jane Roe."])])

@@ -235,7 +235,9 @@ class GRPOTrainer:
         from mtr_jax.rewards import RewardWeights, trace_reward
 
         w = RewardWeights.from_config(self.g)
-        return [trace_reward(e.turn_texts, e.observations, e.calls_valid, e.record.golds, w) for e in eps]
+        budget = max(1, self.g.max_turns * self.g.max_new_tokens)  # the most an episode can generate
+        return [trace_reward(e.turn_texts, e.observations, e.calls_valid, e.record.golds, w,
+                             length=sum(e.loss_mask) / budget) for e in eps]
 
     def step(self, recs, key):
         g = self.g
