@@ -57,6 +57,9 @@ class RealDemoConfig:
     model: str = DEFAULT_MODEL
     world: WorldConfig = field(default_factory=WorldConfig)
     config: dict = field(default_factory=dict)  # a standard Config (model/lora/sft/grpo/eval/run sections)
+    # GRPO's questions: "all" training questions, or "probe": the ones the SFT model gets wrong
+    # greedily plus as many it gets right (LoopTool's greedy capability probing), see grpo_pool
+    grpo_pool: str = "all"
 
 
 # Why these numbers (2-core CPU): an SFT step of 4 traces costs ~60 s at 0.5B as packed rows and
@@ -104,6 +107,8 @@ def load_real_config(path, overrides, small, out_dir, model=None) -> tuple[RealD
     from mtr_jax.model import lora
 
     lora.validate(cfg.lora)
+    if demo.grpo_pool not in ("all", "probe"):  # before any work
+        raise MtrError(f"demo grpo_pool must be 'all' or 'probe', got {demo.grpo_pool!r}")
     return demo, cfg
 
 
@@ -220,6 +225,25 @@ def eval_rows(cfg, model_cfg, params, tok, records, toolmaker, actor):
                             max_len=e.max_len, key=jax.random.PRNGKey(0))
 
     return evaluate_records(rollout, records, e.batch_size, None, progress=False)
+
+
+def grpo_pool(mode: str, train_q, probe_rows: list[dict] | None, seed: int = 0) -> list:
+    """The questions GRPO draws from. "all": every training question. "probe": the questions the SFT
+    model answered wrong in a greedy pass over the training set, plus as many (seeded) it answered
+    right, so each step holds failures to explore on and known questions to keep (with every
+    training question, a step of 4 seldom meets one of SFT's few failures)."""
+    if mode == "all":
+        return list(train_q)
+    if mode != "probe":
+        raise MtrError(f"demo grpo_pool must be 'all' or 'probe', got {mode!r}")
+    wrong = {r["id"] for r in probe_rows if r["em"] < 1.0}
+    failed = [q for q in train_q if q.id in wrong]
+    passed = [q for q in train_q if q.id not in wrong]
+    if not failed:
+        return list(train_q)
+    rng = np.random.default_rng(seed)
+    keep = sorted(rng.choice(len(passed), size=min(len(failed), len(passed)), replace=False).tolist())
+    return failed + [passed[i] for i in keep]
 
 
 def curves(out_dir: str) -> None:
@@ -352,9 +376,17 @@ def run_demo(demo: RealDemoConfig, cfg: Config, out_dir: str, progress: bool = T
     timings["sft_s"] = round(time.perf_counter() - t, 1)
     sft_rows = evaluate("sft", params, 4)
     g = cfg.grpo
-    log(f"[5/7] GRPO: {g.steps} steps x {g.batch_size} questions x {g.group_size} rollouts")
     t = time.perf_counter()
-    params = train_grpo(cfg, model_cfg, params, tok, train_q, actor, toolmaker, os.path.join(out_dir, "grpo"),
+    probe = None
+    if demo.grpo_pool == "probe":
+        probe = eval_rows(cfg, model_cfg, params, tok, train_q, toolmaker, actor)
+        write_eval(out_dir, "probe", probe)
+        log(f"[5/7] probe: the SFT model, greedy, gets {sum(r['em'] < 1.0 for r in probe)} of {len(probe)} "
+            f"training questions wrong ({time.perf_counter() - t:.0f}s)")
+    pool = grpo_pool(demo.grpo_pool, train_q, probe, seed=cfg.run.seed)
+    log(f"[5/7] GRPO: {g.steps} steps x {g.batch_size} questions x {g.group_size} rollouts, "
+        f"from {len(pool)} training questions")
+    params = train_grpo(cfg, model_cfg, params, tok, pool, actor, toolmaker, os.path.join(out_dir, "grpo"),
                         progress=progress)
     timings["grpo_s"] = round(time.perf_counter() - t, 1)
     grpo_rows = evaluate("grpo", params, 5)

@@ -58,3 +58,24 @@ def test_demo_bad_arch_is_a_one_line_error_exit_2(tmp_path):
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 2 and "arch.bogus" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "d").exists()  # rejected before any work
+
+
+def test_grpo_pool_probe():
+    """grpo_pool: "all" is every training question; "probe" is the ones the SFT model got wrong plus as
+    many (seeded) of the ones it got right; a bad mode is a one-line MtrError before any work."""
+    import pytest
+
+    from mtr_jax import demo as D
+    from mtr_jax.data.records import QARecord
+    from mtr_jax.errors import MtrError
+
+    qs = [QARecord(id=f"q{i}", question=f"Q{i}?", golds=["x"], dataset="d") for i in range(20)]
+    rows = [{"id": q.id, "em": 0.0 if i in (3, 7, 11) else 1.0} for i, q in enumerate(qs)]
+    assert D.grpo_pool("all", qs, None) == qs
+    pool = D.grpo_pool("probe", qs, rows, seed=0)
+    assert [q.id for q in pool[:3]] == ["q3", "q7", "q11"] and len(pool) == 6
+    assert all(rows[int(q.id[1:])]["em"] == 1.0 for q in pool[3:]) and len({q.id for q in pool}) == 6
+    assert D.grpo_pool("probe", qs, rows, seed=0) == pool  # seeded
+    assert D.grpo_pool("probe", qs, [dict(r, em=1.0) for r in rows]) == qs  # nothing failed: every question
+    with pytest.raises(MtrError, match="grpo_pool"):
+        D.load_real_config(None, ["grpo_pool=some"], False, "/tmp/x")
