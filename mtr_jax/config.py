@@ -153,10 +153,6 @@ class GRPOConfig:
     scale_std: bool = True  # False = Dr. GRPO (no std division)
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     drop_equal_groups: bool = False
-    # a group none of whose (valid) episodes is correct leaves the update: its reward spread is the format
-    # and consistency terms alone, which trains the policy with no correctness signal (2026-12-07: such
-    # groups of long questions took person -> country EM from 0.64 to 0.18; docs/demo_runs.md)
-    drop_wrong_groups: bool = False
     # SimpleTIR: an episode with a void turn (neither a complete tool call nor an answer, e.g. a turn
     # cut at max_new_tokens) leaves the update and its group's statistics, instead of scoring
     # format_penalty: that penalty otherwise pushes a weak policy to answer with no tool call

@@ -501,19 +501,3 @@ def test_non_finite_step_leaves_params_and_optimizer_state_untouched():
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     p3, _, m = step(p2, o2, good)
     assert float(m["skipped"]) == 0.0 and not np.array_equal(np.asarray(p3["w"]), before[0])
-
-
-def test_kept_episodes_drops_equal_and_wrong_groups():
-    """Whole groups of 2: drop_equal drops a group whose valid rewards are equal (an invalid episode
-    does not count), drop_wrong one with no correct valid episode, both together drop either."""
-    from mtr_jax.train.grpo import kept_episodes
-
-    rewards = [1.0, 0.3, 0.5, 0.5, 0.4, -1.0, 1.0, 0.2]  # groups: spread+correct, equal, spread+wrong, spread+correct-but-invalid
-    correct = [1, 0, 0, 0, 0, 0, 1, 0]
-    valid = [1, 1, 1, 1, 1, 1, 0, 1]
-    k = lambda e, w: kept_episodes(rewards, correct, valid, 2, e, w).reshape(-1, 2)[:, 0].tolist()
-    assert k(False, False) == [True, True, True, True]
-    assert k(True, False) == [True, False, True, False]  # group 4: one valid episode, no spread
-    assert k(False, True) == [True, False, False, False]  # group 4's correct episode is invalid
-    assert k(True, True) == [True, False, False, False]
-    assert kept_episodes(rewards, correct, valid, 2, True, True).tolist() == [True, True] + [False] * 6

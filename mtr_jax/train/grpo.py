@@ -148,21 +148,6 @@ def make_grpo_loss(model_cfg, g, on_policy: bool = False):
     return loss_num
 
 
-def kept_episodes(rewards, correct, valid, group_size: int, drop_equal: bool, drop_wrong: bool) -> np.ndarray:
-    """Which episodes the update keeps, whole groups at a time (the update shares each group's prompt).
-    drop_equal: groups whose valid episodes all scored the same carry no advantage (DAPO's dynamic
-    sampling). drop_wrong: groups with no correct valid episode, whose reward spread is the format and
-    consistency terms alone, leave too."""
-    v = np.asarray(valid, bool).reshape(-1, group_size)
-    keep = np.ones(v.shape[0], bool)
-    if drop_equal:
-        grp = np.asarray(rewards, np.float32).reshape(-1, group_size)
-        keep &= np.where(v, grp, -np.inf).max(axis=1) > np.where(v, grp, np.inf).min(axis=1)
-    if drop_wrong:
-        keep &= (np.asarray(correct, bool).reshape(-1, group_size) & v).any(axis=1)
-    return np.repeat(keep, group_size)
-
-
 class GRPOTrainer:
     """Holds what one GRPO run needs; `step()` does one rollout + update iteration."""
 
@@ -264,12 +249,16 @@ class GRPOTrainer:
         rewards = np.array([s["reward"] for s in scores], np.float32)
         valid = ~np.array([has_void_turn(e) for e in eps], bool) if g.drop_void_turns else np.ones(len(eps), bool)
         adv = losses.group_advantages(rewards, g.group_size, scale_std=g.scale_std, valid=valid)
-        correct = np.array([s["correctness"] > 0 for s in scores] if g.drop_wrong_groups else [False] * len(eps), bool)
-        keep = kept_episodes(rewards, correct, valid, g.group_size, g.drop_equal_groups, g.drop_wrong_groups)
+        keep = np.ones(len(eps), bool)  # whole groups: the update shares each group's prompt
         if not valid.all():  # a void episode stays in its group's rows with no loss tokens
             eps_upd = [e if ok else dataclasses.replace(e, loss_mask=[0] * len(e.loss_mask)) for e, ok in zip(eps, valid)]
         else:
             eps_upd = eps
+        if g.drop_equal_groups:  # groups whose valid episodes all scored the same carry no advantage
+            v = valid.reshape(-1, g.group_size)
+            grp = rewards.reshape(-1, g.group_size)
+            spread = np.where(v, grp, -np.inf).max(axis=1) > np.where(v, grp, np.inf).min(axis=1)
+            keep &= np.repeat(spread, g.group_size)
         metrics = self._rollout_metrics(eps, scores, rewards)
         if g.drop_void_turns:
             metrics["void_episodes"] = hosts.total((~valid).sum())
@@ -356,14 +345,14 @@ class GRPOTrainer:
         return out
 
     def _update_groups(self, n: int) -> int:
-        """Groups the update pads to. With `drop_equal_groups` (or `drop_wrong_groups`) only the
-        groups that carry an advantage (or a correct episode) are kept (DAPO's dynamic sampling): pad them to a power of two (a few shapes,
+        """Groups the update pads to. With `drop_equal_groups` only the groups that carry an
+        advantage are kept (DAPO's dynamic sampling): pad them to a power of two (a few shapes,
         so few compiles), not to batch_size, so the update costs what the kept groups cost.
         Padding rows have no tokens and no episode, so the loss and gradient are the same either
         way. Several minibatches (their split would change), a mesh or several processes (rows
         split over devices): the row layout stays fixed."""
         g = self.g
-        if not (g.drop_equal_groups or g.drop_wrong_groups) or g.minibatches > 1 or self.mesh is not None or hosts.multi():
+        if not g.drop_equal_groups or g.minibatches > 1 or self.mesh is not None or hosts.multi():
             return g.batch_size
         kept = max(-(-n // g.group_size), 1)
         return min(1 << (kept - 1).bit_length(), g.batch_size)
