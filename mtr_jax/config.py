@@ -102,6 +102,9 @@ class ToolsConfig:
     # AutoAgent oracle: the share of HotpotQA-shaped records (fixed per id) whose first search is the
     # question's keywords instead of the whole question
     keyword_query_rate: float = 0.0
+    # AutoAgent oracle: the share of HotpotQA-shaped records (stratified per question template) whose
+    # first <think> is brief ("Search first.") instead of a sentence
+    brief_think_rate: float = 0.0
     structured_outputs: bool = False  # the server honours response_format json_schema (vLLM, SGLang, OpenAI)
     concurrency: int = 8  # HTTP requests in flight
     http_retries: int = 2  # the openai SDK's own retries (backoff, Retry-After) per request

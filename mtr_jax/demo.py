@@ -132,7 +132,8 @@ def make_traces(cfg: Config, train_q, out_dir: str):
     cfg.tools.cache = os.path.join(out_dir, "tool_cache.sqlite")
     actor = ToolActor.from_config(cfg.tools, cfg.tools.cache)
     agent = AutoAgent(backend="oracle", actor=actor, keep_metric=cfg.tools.keep_metric,
-                      keep_threshold=cfg.tools.keep_threshold, keyword_query_rate=cfg.tools.keyword_query_rate)
+                      keep_threshold=cfg.tools.keep_threshold, keyword_query_rate=cfg.tools.keyword_query_rate,
+                      brief_think_rate=cfg.tools.brief_think_rate)
     traces, rejected = [], {}
     # one batch: the keyword-query share is stratified over the batch's question templates
     for trace, why in agent.make_traces(list(train_q), [toolmaker.make(r) for r in train_q]):

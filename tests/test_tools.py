@@ -458,6 +458,35 @@ def test_oracle_keyword_queries(hotpot):
         AutoAgent("oracle", ToolActor("corpus"), keyword_query_rate=1.5)
 
 
+def test_oracle_brief_think(hotpot):
+    """brief_think_rate: that share of records (stratified per template, an order of its own) gets
+    BRIEF_THINK as its first <think>, the rest SEARCH_THINK; queries and answers do not change."""
+    from mtr_jax.tools.autoagent import BRIEF_THINK, SEARCH_THINK, keyword_ids
+
+    maker = ToolMaker("template")
+
+    def first_turns(rate, kw=0.0):
+        agent = AutoAgent("oracle", ToolActor("corpus"), brief_think_rate=rate, keyword_query_rate=kw)
+        out = {}
+        for r, (trace, _) in zip(hotpot, agent.make_traces(hotpot, [maker.make(r) for r in hotpot])):
+            if trace is not None:
+                assert rewards.exact_match(trace["answer"], r.golds) == 1.0 and _grounded_in_tools(trace)
+                m = trace["messages"][2]
+                out[r.id] = (m["content"], m["tool_calls"][0]["function"]["arguments"]["query"], len(trace["messages"]))
+        return out
+
+    none, half, every = first_turns(0.0), first_turns(0.5), first_turns(1.0)
+    assert len(none) > 4 and all(c == f"<think>{SEARCH_THINK}</think>" for c, _, _ in none.values())
+    assert all(c == f"<think>{BRIEF_THINK}</think>" for c, _, _ in every.values())
+    assert {i: v[1:] for i, v in every.items()} == {i: v[1:] for i, v in none.items()}  # same calls, same turns
+    brief = {i for i, (c, _, _) in half.items() if BRIEF_THINK in c}
+    assert 0 < len(brief) < len(half) and brief == keyword_ids(hotpot, 0.5, salt="brief/") & set(half)
+    assert first_turns(0.5) == half  # the same records every run
+    assert keyword_ids(hotpot, 0.5, salt="brief/") != keyword_ids(hotpot, 0.5)  # not the keyword records
+    with pytest.raises(MtrError, match="brief_think_rate"):
+        AutoAgent("oracle", ToolActor("corpus"), brief_think_rate=-0.1)
+
+
 def test_keyword_ids_stratified_per_template():
     """keyword_ids: within each question template the share is floor(rate * n + u), u in [0, 1), so
     every template with enough records gets both query styles; the choice is fixed per batch."""

@@ -5,7 +5,8 @@
 - oracle (offline): plans from the dataset's own annotations, gets every observation from the
   ToolActor, and writes short <think> steps.
     HotpotQA: search the question (or, for a `keyword_query_rate` share of each batch's records,
-              stratified per question template, its keywords),
+              stratified per question template, its keywords; the first <think> is SEARCH_THINK,
+              or BRIEF_THINK for a `brief_think_rate` share, stratified the same way),
               then look up each supporting page not yet seen.
     MuSiQue: one search per decomposition step (#k replaced by earlier answers), lookup as fallback.
     2Wiki: one search per evidence triple (lookup as fallback); `compare` on the two dates/numbers
@@ -39,6 +40,9 @@ from mtr_jax.traces.parse import parse_turn
 from mtr_jax.traces.render import SYSTEM_PROMPT, build_messages, observation_text
 
 _YES_NO = {"yes", "no"}
+# the oracle's first <think> on a HotpotQA-shaped record, and the brief one of `brief_think_rate`
+SEARCH_THINK = "I will search for the key facts in the question."
+BRIEF_THINK = "Search first."
 # what a keyword query leaves out of a question: question words and function words
 _QUERY_STOP = frozenset(
     "a an the in on of at to for by from with which what where who whom whose when how was is were are be been "
@@ -64,19 +68,20 @@ def question_template(question: str) -> str:
     return " ".join(w.lower() for i, w in enumerate(words) if i == 0 or not w[:1].isupper())
 
 
-def keyword_ids(records: list[QARecord], rate: float) -> set[str]:
+def keyword_ids(records: list[QARecord], rate: float, salt: str = "") -> set[str]:
     """The ids of the records whose first search is keywords. Stratified: within each question
     template, floor(rate * n + u) of its n records (u in [0, 1) fixed by the template's ids, so the
     expected share is `rate`), taken in a fixed per-id order. A per-record coin would leave a kind
     of question with few or none by chance (2026-12-07: 5 of 21 for one kind at rate 0.4), and a
-    model fine-tuned on the traces then never tries keywords on that kind."""
+    model fine-tuned on the traces then never tries keywords on that kind. `salt` draws another
+    fixed order (brief thinks are not the keyword records)."""
     groups: dict[str, list[str]] = {}
     for r in records:
         groups.setdefault(question_template(r.question), []).append(r.id)
     out: set[str] = set()
     for ids in groups.values():
-        ids = sorted(set(ids), key=_share)
-        out.update(ids[: int(rate * len(ids) + _share("|".join(sorted(ids))))])
+        ids = sorted(set(ids), key=lambda i: _share(salt + i))
+        out.update(ids[: int(rate * len(ids) + _share(salt + "|".join(sorted(ids))))])
     return out
 
 
@@ -150,6 +155,7 @@ class AutoAgent:
         max_calls: int = 6,
         max_tokens: int = 384,
         keyword_query_rate: float = 0.0,
+        brief_think_rate: float = 0.0,
     ):
         if backend not in ("oracle", "llm"):
             raise MtrError(f"tools.autoagent: unknown backend {backend!r} (oracle | llm)")
@@ -168,6 +174,13 @@ class AutoAgent:
         # human's or a model's queries do
         self.keyword_query_rate = float(keyword_query_rate)
         self._keyword_ids: set[str] = set()
+        if not 0.0 <= brief_think_rate <= 1.0:
+            raise MtrError(f"tools.brief_think_rate must be in [0, 1], got {brief_think_rate!r}")
+        # oracle: the share of records (stratified per template, another fixed order) whose first
+        # <think> is BRIEF_THINK instead of SEARCH_THINK: a teacher whose thinking varies in length,
+        # so a policy sampled from the SFT model tries both, and a turn budget can tell them apart
+        self.brief_think_rate = float(brief_think_rate)
+        self._brief_ids: set[str] = set()
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -219,6 +232,7 @@ class AutoAgent:
         """The episodes' plans run in lockstep: each turn, the pending call of every live episode
         goes to the ToolActor as one batch (one LLM batch for a model-backed actor)."""
         self._keyword_ids = keyword_ids(records, self.keyword_query_rate) if self.keyword_query_rate else set()
+        self._brief_ids = keyword_ids(records, self.brief_think_rate, salt="brief/") if self.brief_think_rate else set()
         plans = [self._oracle(r, t) for r, t in zip(records, tool_sets)]
         res: list = [None] * len(plans)
         pending: dict[int, dict] = {}
@@ -255,7 +269,8 @@ class AutoAgent:
     def _plan_supporting(self, ep: _Episode):  # a generator of calls (see _Episode.call)
         r = ep.record
         query = keyword_query(r.question) if r.id in self._keyword_ids else r.question
-        yield from ep.call("I will search for the key facts in the question.", "search", {"query": _clip(query, 300)})
+        think = BRIEF_THINK if r.id in self._brief_ids else SEARCH_THINK
+        yield from ep.call(think, "search", {"query": _clip(query, 300)})
         titles = list(dict.fromkeys(t for t, _ in r.supporting))
         for title in titles:
             if ep.n_calls >= self.max_calls:
@@ -414,7 +429,7 @@ def cli(args) -> int:
     teacher = make_llm(cfg.tools) if cfg.tools.autoagent == "llm" else None
     agent = AutoAgent(cfg.tools.autoagent, actor, complete=teacher, keep_metric=cfg.tools.keep_metric,
                       keep_threshold=cfg.tools.keep_threshold, max_tokens=cfg.tools.max_tokens, max_calls=cfg.tools.max_calls,
-                      keyword_query_rate=cfg.tools.keyword_query_rate)
+                      keyword_query_rate=cfg.tools.keyword_query_rate, brief_think_rate=cfg.tools.brief_think_rate)
     reasons: Counter = Counter()
     kept = 0
     # records per make_traces call: a model-backed teacher or actor answers a turn's batch at once
